@@ -6,7 +6,8 @@ directory under `<workdir>/checkpoints/` contains two orbax items:
 
 - `arrays` (`StandardSave`): `soft_prompt`, `opt_state` (any optax state pytree) and
   `rng_key_data` (the raw bits of the typed key, from `jax.random.key_data`).
-- `progress` (`JsonSave`): `step`, `central_language`, `epoch`, `batch_index` and `rng_key_impl`.
+- `progress` (`JsonSave`): `step`, the schedule position (`language`, null for schedules that
+  mix languages in a batch, `epoch`, `batch`) and `rng_key_impl`.
 
 Orbax writes each step into a temporary directory and renames it on commit, so a process killed
 mid-save leaves a temporary directory that `CheckpointManager` ignores (and deletes on the next
@@ -44,6 +45,8 @@ import orbax.checkpoint as ocp
 from absl import logging
 from orbax.checkpoint.checkpoint_managers import preservation_policy, save_decision_policy
 
+from mcd_jax.method.schedule import SchedulePosition
+
 CHECKPOINT_SUBDIR = "checkpoints"
 FINGERPRINT_FILE = "fingerprint.json"
 
@@ -57,29 +60,6 @@ _DAMAGED_CHECKPOINT_ERRORS = (ValueError, OSError, KeyError)
 
 
 @dataclasses.dataclass(frozen=True)
-class SchedulePosition:
-    """Position in the language schedule, pointing at the next batch to train on.
-
-    Attributes:
-        central_language: language code of the language being trained (collaborative schedule),
-            or an empty string for schedules that mix languages in one batch.
-        epoch: epoch index within the current language, from 0.
-        batch_index: index of the next batch within the epoch, from 0.
-    """
-
-    central_language: str
-    epoch: int
-    batch_index: int
-
-    def __post_init__(self) -> None:
-        if self.epoch < 0 or self.batch_index < 0:
-            raise ValueError(
-                f"invalid schedule position epoch={self.epoch}, batch_index={self.batch_index}: "
-                "both must be >= 0"
-            )
-
-
-@dataclasses.dataclass(frozen=True)
 class TrainState:
     """Everything a checkpoint stores to continue a run bit for bit.
 
@@ -88,7 +68,8 @@ class TrainState:
         soft_prompt: the trained soft prompt, `[P, d]` float32.
         opt_state: the optax optimizer state of the soft prompt.
         rng_key: a typed JAX key (from `jax.random.key`), not a raw uint32 key.
-        position: the position in the language schedule.
+        position: the schedule position of the next batch (`ScheduleStep.position` of the
+            step after this one).
     """
 
     step: int
@@ -263,9 +244,9 @@ def _save_args(state: TrainState) -> ocp.args.Composite:
     }
     progress = {
         "step": int(state.step),
-        "central_language": state.position.central_language,
+        "language": state.position.language,
         "epoch": int(state.position.epoch),
-        "batch_index": int(state.position.batch_index),
+        "batch": int(state.position.batch),
         "rng_key_impl": str(jax.random.key_impl(state.rng_key)),
     }
     return ocp.args.Composite(
@@ -294,9 +275,7 @@ def _state_from_restored(step: int, restored: Any) -> TrainState:
         raise ValueError(f"invalid progress metadata: it stores step {progress['step']}")
     rng_key = jax.random.wrap_key_data(arrays["rng_key_data"], impl=progress["rng_key_impl"])
     position = SchedulePosition(
-        central_language=progress["central_language"],
-        epoch=progress["epoch"],
-        batch_index=progress["batch_index"],
+        language=progress["language"], epoch=progress["epoch"], batch=progress["batch"]
     )
     return TrainState(
         step=step,

@@ -20,11 +20,8 @@ import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 from absl import logging  # noqa: E402
 
-from mcd_jax.training.checkpointing import (  # noqa: E402
-    SchedulePosition,
-    TrainingCheckpoints,
-    TrainState,
-)
+from mcd_jax.method.schedule import SchedulePosition  # noqa: E402
+from mcd_jax.training.checkpointing import TrainingCheckpoints, TrainState  # noqa: E402
 from mcd_jax.training.preemption import PreemptionWatcher  # noqa: E402
 
 WIDTH = 1024
@@ -37,7 +34,7 @@ def make_state(step: int, rows: int) -> TrainState:
         soft_prompt=soft_prompt,
         opt_state=optax.adamw(1e-3).init(soft_prompt),
         rng_key=jax.random.key(step),
-        position=SchedulePosition(central_language="en", epoch=0, batch_index=step),
+        position=SchedulePosition(language="en", epoch=0, batch=step),
     )
 
 

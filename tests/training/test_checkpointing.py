@@ -3,6 +3,7 @@
 Everything runs on real orbax checkpoints in tmp_path with a real optax AdamW state.
 """
 
+import dataclasses
 import json
 import logging
 import os
@@ -14,13 +15,13 @@ import numpy as np
 import optax
 import pytest
 
+from mcd_jax.method.schedule import SchedulePosition
 from mcd_jax.training.checkpointing import (
     CHECKPOINT_SUBDIR,
     FINGERPRINT_FILE,
     FingerprintMismatchError,
     NoRestorableCheckpointError,
     RunFingerprint,
-    SchedulePosition,
     TrainingCheckpoints,
     TrainState,
     check_fingerprint,
@@ -50,7 +51,7 @@ def trained_state(step: int, seed: int = 0) -> TrainState:
         soft_prompt=soft_prompt,
         opt_state=opt_state,
         rng_key=rng_key,
-        position=SchedulePosition(central_language="ko", epoch=2, batch_index=step % 7),
+        position=SchedulePosition(language="ko", epoch=2, batch=step % 7),
     )
 
 
@@ -61,7 +62,7 @@ def initial_state() -> TrainState:
         soft_prompt=soft_prompt,
         opt_state=optimizer().init(soft_prompt),
         rng_key=jax.random.key(99),
-        position=SchedulePosition(central_language="en", epoch=0, batch_index=0),
+        position=SchedulePosition(language="en", epoch=0, batch=0),
     )
 
 
@@ -126,6 +127,18 @@ def test_round_trip_keeps_key_impl(tmp_path):
 
     assert jax.random.key_impl(restored.rng_key) == "rbg"
     assert np.array_equal(jax.random.key_data(restored.rng_key), jax.random.key_data(saved.rng_key))
+
+
+def test_round_trip_mixed_language_position(tmp_path):
+    saved = dataclasses.replace(
+        trained_state(2), position=SchedulePosition(language=None, epoch=1, batch=3)
+    )
+    with TrainingCheckpoints(tmp_path, save_every=1, max_to_keep=1) as ckpts:
+        ckpts.save(saved)
+        ckpts.wait_until_finished()
+        restored = ckpts.restore(2, initial_state())
+
+    assert restored.position == SchedulePosition(language=None, epoch=1, batch=3)
 
 
 def test_keeps_last_k_and_resumes_latest(tmp_path):
@@ -229,7 +242,7 @@ def test_other_prompt_shape_raises_and_keeps_checkpoints(tmp_path):
         soft_prompt=soft_prompt,
         opt_state=optimizer().init(soft_prompt),
         rng_key=jax.random.key(0),
-        position=SchedulePosition(central_language="en", epoch=0, batch_index=0),
+        position=SchedulePosition(language="en", epoch=0, batch=0),
     )
 
     with TrainingCheckpoints(tmp_path, save_every=1, max_to_keep=5) as ckpts:
@@ -273,11 +286,6 @@ def test_invalid_manager_options(tmp_path):
         TrainingCheckpoints(tmp_path, save_every=0, max_to_keep=1)
     with pytest.raises(ValueError, match="max_to_keep=0"):
         TrainingCheckpoints(tmp_path, save_every=1, max_to_keep=0)
-
-
-def test_negative_schedule_position_rejected():
-    with pytest.raises(ValueError, match="epoch=-1"):
-        SchedulePosition(central_language="en", epoch=-1, batch_index=0)
 
 
 def fingerprint(**changes) -> RunFingerprint:

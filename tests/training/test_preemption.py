@@ -15,12 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mcd_jax.training.checkpointing import (
-    CHECKPOINT_SUBDIR,
-    SchedulePosition,
-    TrainingCheckpoints,
-    TrainState,
-)
+from mcd_jax.method.schedule import SchedulePosition
+from mcd_jax.training.checkpointing import CHECKPOINT_SUBDIR, TrainingCheckpoints, TrainState
 from mcd_jax.training.preemption import PreemptionWatcher
 
 WORKER = Path(__file__).with_name("checkpoint_worker.py")
@@ -49,7 +45,7 @@ def template(rows: int) -> TrainState:
         soft_prompt=soft_prompt,
         opt_state=optax.adamw(1e-3).init(soft_prompt),
         rng_key=jax.random.key(0),
-        position=SchedulePosition(central_language="en", epoch=0, batch_index=0),
+        position=SchedulePosition(language="en", epoch=0, batch=0),
     )
 
 
