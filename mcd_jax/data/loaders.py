@@ -41,7 +41,7 @@ FILE_FORMATS: dict[str, str] = {
 
 @dataclasses.dataclass(frozen=True)
 class ColumnMap:
-    """Which column of a table contains each example field.
+    """The column names of a table for each example field.
 
     A field set to None has no column, so the loader takes the constant passed
     for it (`language=`, `label=`, `split=`) or leaves it empty (pair_id,
@@ -249,23 +249,12 @@ def examples_from_table(
     """
     table = _strip_bom_from_column_names(table)
     _check_columns(table, columns, where)
-    text_columns = {None: columns.text} if isinstance(columns.text, str) else dict(columns.text)
-    for field in ("language", "label", "split"):
-        if (
-            getattr(columns, field) is None
-            and getattr(values, field) is None
-            and (field != "language" or None in text_columns)
-        ):
-            raise ValueError(
-                f"{where}: no {field} for the examples; pass {field}= "
-                f"or name its column with ColumnMap({field}=...)"
-            )
+    text_columns = _text_columns_by_language(columns, values, where)
 
     rows = table.to_dict()
-    num_rows = table.num_rows
     examples: list[Example] = []
     skipped = 0
-    for row in range(num_rows):
+    for row in range(table.num_rows):
         fields = _row_fields(rows, row, columns, values, where)
         for language, column in text_columns.items():
             text = rows[column][row]
@@ -273,15 +262,37 @@ def examples_from_table(
             if not text:
                 skipped += 1
                 continue
-            examples.append(Example(text=text, **{**fields, **_language_field(language)}))
+            if language is not None:
+                fields["language"] = language
+            examples.append(Example(text=text, **fields))
 
     if skipped:
         logging.info("%s: skipped %d rows with empty text", where, skipped)
     return examples
 
 
-def _language_field(language: str | None) -> dict[str, str]:
-    return {} if language is None else {"language": canonical_language(language)}
+def _text_columns_by_language(
+    columns: ColumnMap, values: FieldValues, where: str
+) -> dict[str | None, str]:
+    """Map each language of a wide table to its text column; None keys a narrow table."""
+    wide = not isinstance(columns.text, str)
+    if wide and columns.language is not None:
+        raise ValueError(
+            f"{where}: ColumnMap.language={columns.language!r} cannot be combined with "
+            "one text column per language; drop one of them"
+        )
+
+    required = ["label", "split"] if wide else ["language", "label", "split"]
+    for field in required:
+        if getattr(columns, field) is None and getattr(values, field) is None:
+            raise ValueError(
+                f"{where}: no {field} for the examples; pass {field}= "
+                f"or name its column with ColumnMap({field}=...)"
+            )
+
+    if not wide:
+        return {None: columns.text}
+    return {canonical_language(language): column for language, column in columns.text.items()}
 
 
 def _row_fields(
@@ -465,19 +476,12 @@ def load_parallel(
         parts = [source, split, label]
         pair_id_prefix = "".join(f"{part}/" for part in parts if part is not None)
 
-    tables = {
-        canonical_language(language): _strip_trailing_blank_rows(
-            read_table(path, file_format, drop_blank_lines=False)
-        )
-        for language, path in paths.items()
-    }
-    file_names = {canonical_language(language): os.fspath(path) for language, path in paths.items()}
+    tables, file_names = _read_parallel_tables(paths, file_format)
     _check_parallel_lengths(tables, file_names)
 
     examples: list[Example] = []
     for language, table in tables.items():
-        file_columns = columns.get(language) if isinstance(columns, Mapping) else columns
-        file_columns = dataclasses.replace(file_columns or ColumnMap(), language=None)
+        file_columns = _columns_for_language(columns, language)
         values = FieldValues(
             source=source,
             language=language,
@@ -505,6 +509,39 @@ def load_parallel(
         exclude=exclude,
         where=f"{source} parallel files",
     )
+
+
+def _read_parallel_tables(
+    paths: Mapping[str, PathLike], file_format: str | None
+) -> tuple[dict[str, datasets.Dataset], dict[str, str]]:
+    """Read each language's file, keeping blank rows so row numbers stay aligned."""
+    tables: dict[str, datasets.Dataset] = {}
+    file_names: dict[str, str] = {}
+    for language, path in paths.items():
+        code = canonical_language(language)
+        if code in tables:
+            raise ValueError(
+                f"parallel files {file_names[code]!r} and {os.fspath(path)!r} are both "
+                f"language {code!r}; give each language one file"
+            )
+        table = read_table(path, file_format, drop_blank_lines=False)
+        tables[code] = _strip_trailing_blank_rows(table)
+        file_names[code] = os.fspath(path)
+    return tables, file_names
+
+
+def _columns_for_language(
+    columns: ColumnMap | Mapping[str, ColumnMap] | None, language: str
+) -> ColumnMap:
+    if isinstance(columns, Mapping):
+        by_language = {canonical_language(code): value for code, value in columns.items()}
+        if language not in by_language:
+            raise ValueError(
+                f"columns has no ColumnMap for language {language!r}; it has {sorted(by_language)}"
+            )
+        columns = by_language[language]
+    # The key of `paths` is the language, so a language column is never read.
+    return dataclasses.replace(columns or ColumnMap(), language=None)
 
 
 def _strip_trailing_blank_rows(table: datasets.Dataset) -> datasets.Dataset:

@@ -1,8 +1,9 @@
 """Named public safety benchmarks: where each lives, its file layout and its column mapping.
 
-`load_benchmark("polyrefuse", split="train")` reads a benchmark from a local folder
-laid out like the public data folder of this project (one sub-folder per benchmark,
-original file names kept), or from the Hugging Face hub with `datasets.load_dataset`.
+`load_benchmark("polyrefuse", split="train")` reads a benchmark from a local data folder
+with one sub-folder per benchmark and the upstream file names (`Benchmark.local_files`,
+e.g. advbench/harmful_behaviors.csv), or from the Hugging Face hub with
+`datasets.load_dataset`.
 The local folder is the `local_dir` argument, else the `MCD_JAX_DATA_DIR`
 environment variable. The hub is used only when neither is set.
 
@@ -122,8 +123,6 @@ _advbench_local, _advbench_hub = _single_file_readers(
     _english("advbench", HARMFUL),
 )
 
-# NOTE: the hub copy's column name "prompt" follows the other walledai safety sets
-# (AdvBench, XSTest); the card of walledai/MaliciousInstruct was not checked for it.
 _maliciousinstruct_local, _maliciousinstruct_hub = _single_file_readers(
     "maliciousinstruct/MaliciousInstruct.txt",
     ColumnMap(text="text"),
@@ -173,7 +172,7 @@ MULTIQ_LANGUAGES = (
 )
 
 # NOTE: the columns of the hub copy caro-holt/MultiQ are assumed to be those of the
-# GitHub CSV (id, language, prompt, domain); its 27.4k-row train split matches the CSV.
+# GitHub CSV (id, language, prompt, domain). Only its row count (27.4k) was checked.
 _multiq_local, _multiq_hub = _single_file_readers(
     "multiq/MultiQ.csv",
     ColumnMap(text="prompt", language="language", pair_id="id", category="domain"),

@@ -44,16 +44,16 @@ def filter_examples(
     Raises:
       ValueError: a requested language code, label or split name is unknown.
     """
-    wanted_languages = None if languages is None else _canonical_languages(languages)
-    wanted_labels = None if labels is None else _checked_labels(labels)
-    wanted_splits = None if splits is None else {canonical_split(split) for split in splits}
+    requested_languages = None if languages is None else _canonical_languages(languages)
+    requested_labels = None if labels is None else _checked_labels(labels)
+    requested_splits = None if splits is None else {canonical_split(split) for split in splits}
 
     return [
         example
         for example in examples
-        if (wanted_languages is None or example.language in wanted_languages)
-        and (wanted_labels is None or example.label in wanted_labels)
-        and (wanted_splits is None or example.split in wanted_splits)
+        if (requested_languages is None or example.language in requested_languages)
+        and (requested_labels is None or example.label in requested_labels)
+        and (requested_splits is None or example.split in requested_splits)
     ]
 
 
@@ -82,20 +82,20 @@ def deduplicate_examples(examples: Iterable[Example], *, where: str = "examples"
     """
     examples = list(examples)
     seen: set[tuple[str, str]] = set()
-    kept: list[Example] = []
+    unique: list[Example] = []
     for example in examples:
         key = (example.language, normalize_text(example.text))
         if key not in seen:
             seen.add(key)
-            kept.append(example)
+            unique.append(example)
 
     logging.info(
         "%s: dropped %d exact duplicates, kept %d examples",
         where,
-        len(examples) - len(kept),
-        len(kept),
+        len(examples) - len(unique),
+        len(unique),
     )
-    return kept
+    return unique
 
 
 def find_overlap(

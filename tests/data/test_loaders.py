@@ -448,3 +448,39 @@ def test_builtin_packaged_files():
     assert {example.source for example in train} == {"mcd-jax"}
     assert {example.split for example in train} == {"train"}
     assert "en" in {example.language for example in train}
+
+
+def test_parallel_same_language_twice(tmp_path):
+    hebrew = _write(tmp_path / "he.txt", "A?\n")
+    old_code = _write(tmp_path / "iw.txt", "A?\n")
+
+    with pytest.raises(ValueError, match=r"are both language 'he'"):
+        load_parallel({"he": hebrew, "iw": old_code}, source="s", label="harmless", split="train")
+
+
+def test_parallel_columns_per_language(tmp_path):
+    english = _write(tmp_path / "en.json", json.dumps([{"source": "Hi?", "target": ""}]))
+    polish = _write(tmp_path / "pl.json", json.dumps([{"source": "Hi?", "target": "Cześć?"}]))
+    columns = {"en": ColumnMap(text="source"), "pl": ColumnMap(text="target")}
+
+    examples = load_parallel(
+        {"en": english, "pl": polish}, columns, source="s", label="harmless", split="test"
+    )
+
+    assert [(example.language, example.text) for example in examples] == [
+        ("en", "Hi?"),
+        ("pl", "Cześć?"),
+    ]
+    with pytest.raises(ValueError, match=r"columns has no ColumnMap for language 'pl'"):
+        load_parallel(
+            {"en": english, "pl": polish}, {"en": ColumnMap(text="source")}, source="s",
+            label="harmless", split="test",
+        )  # fmt: skip
+
+
+def test_wide_file_with_language_column(tmp_path):
+    path = _write(tmp_path / "wide.csv", "lang,en,it\nen,Hello?,Ciao?\n")
+    columns = ColumnMap(text={"en": "en", "it": "it"}, language="lang")
+
+    with pytest.raises(ValueError, match=r"language='lang' cannot be combined"):
+        load_file(path, columns, label="harmless", split="test")

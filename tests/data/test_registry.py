@@ -1,7 +1,7 @@
 """Tests for the benchmark registry on the public data folder and on stand-in files.
 
-Row counts below are those of the public data folder's manifest. MultiJail and XSTest
-are not in that folder, so their loaders run on small CSVs with the same columns,
+Row counts below are those of the upstream files. MultiJail and XSTest are not in the
+public data folder, so their loaders run on small CSVs with the same columns,
 written by the tests with made-up queries. The hub code path runs against a local
 folder named like the hub dataset, which `datasets.load_dataset` opens before it
 would contact the hub; HF_HUB_OFFLINE=1 keeps it off the network.
