@@ -435,19 +435,22 @@ def test_builtin_row_of_other_split(tmp_path):
         load_builtin("test", directory=folder)
 
 
-def test_builtin_packaged_files():
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_builtin_packaged_files(split):
     from importlib import resources
 
     folder = resources.files("mcd_jax.data") / "builtin"
-    if not (folder / "train.jsonl").is_file():
-        pytest.skip("mcd_jax/data/builtin/train.jsonl is not written yet")
+    if not (folder / f"{split}.jsonl").is_file():
+        pytest.skip(f"mcd_jax/data/builtin/{split}.jsonl is not written yet")
 
-    train = load_builtin("train")
+    examples = load_builtin(split)
+    english_harmful = load_builtin(split, ["en"], ["harmful"])
 
-    assert train
-    assert {example.source for example in train} == {"mcd-jax"}
-    assert {example.split for example in train} == {"train"}
-    assert "en" in {example.language for example in train}
+    assert examples
+    assert {example.source for example in examples} == {"mcd-jax"}
+    assert {example.split for example in examples} == {split}
+    assert english_harmful
+    assert {(example.language, example.label) for example in english_harmful} == {("en", "harmful")}
 
 
 def test_parallel_same_language_twice(tmp_path):
