@@ -3,13 +3,12 @@
 `load_benchmark("polyrefuse", split="train")` reads a benchmark from a local data folder
 with one sub-folder per benchmark and the upstream file names (`Benchmark.local_files`,
 e.g. advbench/harmful_behaviors.csv), or from the Hugging Face hub with
-`datasets.load_dataset`.
-The local folder is the `local_dir` argument, else the `MCD_JAX_DATA_DIR`
-environment variable. The hub is used only when neither is set.
+`datasets.load_dataset`. The local folder is the `local_dir` argument, else the
+`MCD_JAX_DATA_DIR` environment variable. The hub is used only when neither is set.
 
-Benchmarks with a single test set (AdvBench, MaliciousInstruct, MultiJail, XSTest,
-MultiQ) give their rows the split "test", because that is their role in the MCD
-evaluation. `dataclasses.replace(example, split="train")` relabels them for training.
+AdvBench, MaliciousInstruct, MultiJail, XSTest and MultiQ are published as one
+evaluation set each, so their rows get the split "test".
+`dataclasses.replace(example, split="train")` relabels them for training.
 """
 
 from __future__ import annotations
@@ -112,8 +111,8 @@ def _single_file_readers(
     return read_local, read_hub
 
 
-def _english(source: str, label: str, pair_id_prefix: str = "") -> FieldValues:
-    return FieldValues(source=source, language="en", label=label, pair_id_prefix=pair_id_prefix)
+def _english(source: str, label: str) -> FieldValues:
+    return FieldValues(source=source, language="en", label=label)
 
 
 _advbench_local, _advbench_hub = _single_file_readers(
@@ -205,7 +204,7 @@ def _read_polyrefuse(data_dir: Path, split: str) -> list[Example]:
     """Read both labels of one PolyRefuse split, with pair ids from the row number.
 
     Test files keep the English source in "instruction" and the translation in
-    "instruction_translated"; train and validation files have only "instruction",
+    "instruction_translated". Train and validation files have only "instruction",
     already translated. Upstream has no harmless test file for Chinese, and its
     Chinese harmless train and validation files are a different Alpaca sample from
     the English ones, so those rows get no pair id.
