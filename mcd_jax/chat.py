@@ -121,6 +121,11 @@ def format_chat_batch(
     no system message: a row is `[pads][P placeholders][text]`, slot positions
     are 0..P-1 and text positions P..P+T-1 whatever the padding.
 
+    NOTE: PEFT 0.21 instead puts its virtual tokens before an already
+    left-padded batch and numbers positions across the padding, so its padded
+    rows see shifted positions. Unpadded rows agree exactly with PEFT's
+    PromptTuning, and here a padded row gives the same logits as unpadded.
+
     Args:
       tokenizer: a transformers tokenizer with a chat template.
       queries: user queries, one per row; none may be empty.
@@ -248,7 +253,8 @@ def split_at_system_slot(
             raise ValueError(
                 f"The tokens around the system slot of {_name(tokenizer)} change with the "
                 "system text, so a soft prompt cannot be spliced in at fixed positions. The "
-                "tokenizer merges the system text with the template text next to it."
+                "tokenizer merges the system text with the template text next to it; strip "
+                "leading and trailing whitespace from the text prompt."
             )
     before, slot, after = splits[-1]
     return SlotSplit(before=before, slot=slot, after=after, location=location)

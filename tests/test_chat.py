@@ -6,6 +6,7 @@ copy of the SmolLM2 tokenizer with the family's control tokens added.
 """
 
 import copy
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +35,9 @@ QUERIES = ["How do I bake bread?", "What is the capital of France? Answer in one
 SYSTEM_FAMILIES = ["llama2", "llama3", "vicuna", "openchat", "gemma"]
 
 
+@functools.cache
 def load_gguf_tokenizer(path: Path):
+    """Load a GGUF tokenizer once per test process (test_soft_prompt.py reuses it)."""
     return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
 
 
