@@ -1,6 +1,6 @@
 """Checks on the shipped parallel safety dataset in mcd_jax/data/builtin.
 
-The files are read with json and importlib.resources, as an installed package sees them.
+The files are read with json and importlib.resources, the way an installed package loads them.
 """
 
 import collections
@@ -35,7 +35,7 @@ KEYS = {"text", "language", "label", "pair_id", "source", "split", "category"}
 # Unicode character-name prefix of each language's script. Languages not listed use Latin.
 SCRIPT_PREFIX = {"ko": "HANGUL", "el": "GREEK", "th": "THAI", "zh": "CJK UNIFIED IDEOGRAPH"}
 
-# Common traditional-only Han characters; simplified Chinese text must contain none of them.
+# Common traditional-only Han characters. Simplified Chinese text must contain none of them.
 TRADITIONAL_ONLY = set("這們會說對麼時國來為藥錢鎖門網與嗎個裡學買賣殺醫療讓槍彈種發")
 
 
@@ -62,7 +62,8 @@ def test_rows_schema(splits, split):
         assert row["label"] in ("harmful", "harmless"), row
         assert row["category"] in CATEGORIES, row
         assert row["language"] in SPLIT_LANGUAGES[split], row
-        assert row["text"] == row["text"].strip() and row["text"], row
+        assert row["text"], row
+        assert row["text"] == row["text"].strip(), row
         assert re.fullmatch(rf"{split}-\d{{4}}-{row['label']}", row["pair_id"]), row
 
 
@@ -151,7 +152,8 @@ def test_text_in_expected_script(splits, split):
         scripts = _letter_scripts(row["text"])
         foreign = set(scripts) - {expected, "LATIN"}
         assert not foreign, f"{row['pair_id']}/{row['language']}: letters from {foreign}"
-        # Latin letters are allowed in other scripts only for acronyms such as USB or 5G.
+        # Latin letters may appear in another script (acronyms such as USB or 5G, loanwords such
+        # as "drone"), but only as a minority of the letters.
         assert scripts[expected] > sum(scripts.values()) / 2, (
             f"{row['pair_id']}/{row['language']}: mostly not {expected}: {row['text']!r}"
         )
