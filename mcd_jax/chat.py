@@ -16,7 +16,10 @@ Contract of a formatted row, left to right:
   BOS appears once when the template writes `bos_token` and never otherwise.
 - With a text prompt the row equals `apply_chat_template([system, user])`.
 - With a soft prompt of length P the slot contains P placeholder ids (the pad id)
-  whose embeddings the caller replaces (see `mcd_jax.soft_prompt`).
+  whose embeddings the caller replaces (see `mcd_jax.soft_prompt`). The slot
+  also covers whitespace that the tokenizer merges into the system text's first
+  or last token, e.g. the space after Mistral's "[INST]" with a byte-level BPE
+  tokenizer, so a soft prompt replaces that whitespace too.
 - With neither, the row equals `apply_chat_template([user])`. That is whatever
   the template does with no system message: Qwen2.5's template inserts its own
   default system prompt ("You are Qwen, created by Alibaba Cloud. ..."),
@@ -147,7 +150,9 @@ def format_chat_batch(
         soft-prompt length below 1, a row longer than `max_length`, a template
         with no findable system slot, or conflicting options.
     """
-    _check_options(text_prompt, soft_prompt_length, placement, pad_to_multiple_of, bucket_lengths)
+    _check_options(
+        text_prompt, soft_prompt_length, placement, pad_to_multiple_of, bucket_lengths, max_length
+    )
     _check_queries(queries)
     require_chat_template(tokenizer)
     pad_id = placeholder_id(tokenizer)
@@ -347,7 +352,8 @@ def _differing_span(renders: list[str], tokenizer: Any) -> tuple[int, int]:
             raise ValueError(
                 f"Cannot find the system slot in the chat template of {_name(tokenizer)}: the "
                 f"system text {sentinel!r} does not appear exactly once and unchanged "
-                f"(rendered {text!r}). Use a template that writes the system message verbatim."
+                f"(rendered {text[:300]!r}...). Use a template that writes the system message "
+                "verbatim."
             )
     return start, suffix
 
@@ -462,6 +468,7 @@ def _check_options(
     placement: str,
     pad_to_multiple_of: int | None,
     bucket_lengths: Sequence[int] | None,
+    max_length: int | None,
 ) -> None:
     if text_prompt is not None and soft_prompt_length is not None:
         raise ValueError("Pass either text_prompt or soft_prompt_length, not both.")
@@ -482,6 +489,8 @@ def _check_options(
         raise ValueError("Pass either pad_to_multiple_of or bucket_lengths, not both.")
     if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
         raise ValueError(f"pad_to_multiple_of={pad_to_multiple_of} must be at least 1.")
+    if max_length is not None and max_length < 1:
+        raise ValueError(f"max_length={max_length} must be at least 1 (the model's context).")
     if bucket_lengths is not None and (not bucket_lengths or min(bucket_lengths) < 1):
         raise ValueError(f"bucket_lengths={list(bucket_lengths)} must be positive lengths.")
 

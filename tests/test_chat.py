@@ -279,6 +279,7 @@ def test_bad_soft_prompt_length(smollm2_tokenizer, length):
         ({"pad_to_multiple_of": 8, "bucket_lengths": [64]}, "not both"),
         ({"pad_to_multiple_of": 0}, "pad_to_multiple_of=0"),
         ({"bucket_lengths": []}, "bucket_lengths="),
+        ({"max_length": 0}, "max_length=0 must be at least 1"),
     ],
 )
 def test_conflicting_options(smollm2_tokenizer, options, message):
