@@ -112,31 +112,6 @@ class NoRestorableCheckpointError(RuntimeError):
     """Every checkpoint in the work directory failed to restore."""
 
 
-def ensure_writable_workdir(workdir: str | os.PathLike[str]) -> Path:
-    """Create the work directory if needed and check that this process can write files in it.
-
-    Args:
-        workdir: the run's work directory.
-
-    Returns:
-        The work directory as an absolute path.
-
-    Raises:
-        ValueError: the directory cannot be created or is not writable.
-    """
-    path = Path(workdir).expanduser().absolute()
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-check-"):
-            pass
-    except OSError as err:
-        raise ValueError(
-            f"work directory {path} is not writable ({err}); choose another --workdir or fix "
-            "its permissions"
-        ) from err
-    return path
-
-
 def _is_primary_process() -> bool:
     return jax.process_index() == 0
 

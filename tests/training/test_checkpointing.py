@@ -1,4 +1,4 @@
-"""Checkpoint round trips, retention, fallback past damaged steps, fingerprints, work directory.
+"""Checkpoint round trips, retention, fallback past damaged steps, and run fingerprints.
 
 Everything runs on real orbax checkpoints in tmp_path with a real optax AdamW state.
 """
@@ -6,7 +6,6 @@ Everything runs on real orbax checkpoints in tmp_path with a real optax AdamW st
 import dataclasses
 import json
 import logging
-import os
 from pathlib import Path
 
 import jax
@@ -25,7 +24,6 @@ from mcd_jax.training.checkpointing import (
     TrainingCheckpoints,
     TrainState,
     check_fingerprint,
-    ensure_writable_workdir,
 )
 
 PROMPT_SHAPE = (8, 16)
@@ -346,28 +344,3 @@ def test_unreadable_fingerprint_raises(tmp_path):
         check_fingerprint(tmp_path, fingerprint())
     check_fingerprint(tmp_path, fingerprint(), force=True)
     check_fingerprint(tmp_path, fingerprint())
-
-
-def test_workdir_created(tmp_path):
-    workdir = ensure_writable_workdir(tmp_path / "runs" / "a")
-    assert workdir.is_dir()
-    assert list(workdir.iterdir()) == []
-
-
-def test_workdir_under_a_file_rejected(tmp_path):
-    blocker = tmp_path / "not_a_dir"
-    blocker.write_text("")
-    with pytest.raises(ValueError, match=r"not_a_dir/run is not writable.*--workdir"):
-        ensure_writable_workdir(blocker / "run")
-
-
-@pytest.mark.skipif(os.geteuid() == 0, reason="root can write into a read-only directory")
-def test_workdir_read_only_rejected(tmp_path):
-    read_only = tmp_path / "ro"
-    read_only.mkdir()
-    read_only.chmod(0o500)
-    try:
-        with pytest.raises(ValueError, match="is not writable"):
-            ensure_writable_workdir(read_only)
-    finally:
-        read_only.chmod(0o700)
