@@ -66,7 +66,7 @@ class ChatBatch:
 
     Attributes:
       input_ids: [batch, seq] int32 token ids; pads and soft-prompt
-        placeholders hold `pad_id`.
+        placeholders contain `pad_id`.
       attention_mask: [batch, seq] int32, 0 on left padding, 1 elsewhere.
       position_ids: [batch, seq] int32, `cumsum(attention_mask) - 1` with 0 on
         padding, as `transformers` (5.25) derives them for generation.
