@@ -46,6 +46,7 @@ from absl import logging
 from orbax.checkpoint.checkpoint_managers import preservation_policy, save_decision_policy
 
 from mcd_jax.method.schedule import SchedulePosition
+from mcd_jax.training.config import TrainConfig
 
 CHECKPOINT_SUBDIR = "checkpoints"
 FINGERPRINT_FILE = "fingerprint.json"
@@ -98,6 +99,51 @@ class RunFingerprint:
     objective: Mapping[str, Any]
     schedule: Mapping[str, Any]
     soft_prompt_shape: tuple[int, int]
+
+    @classmethod
+    def from_config(
+        cls,
+        config: TrainConfig,
+        *,
+        model_hash: str,
+        dataset: str,
+        soft_prompt_shape: tuple[int, int],
+    ) -> RunFingerprint:
+        """Collect the settings of `config` that change what a checkpoint contains.
+
+        The objective part contains the method and estimation settings and the anchor languages.
+        The schedule part contains the schedule and optimizer settings and the training languages.
+        Settings that change neither the maths nor the batch order (--remat, mesh, logging,
+        checkpointing) are left out, so a run may resume with other values for them.
+
+        Args:
+            config: the run's configuration.
+            model_hash: a hash of the model weights or of their file listing.
+            dataset: a fingerprint of the training and anchor data.
+            soft_prompt_shape: `(P, d)`.
+
+        Returns:
+            The fingerprint.
+        """
+        schedule = dataclasses.asdict(config.schedule)
+        del schedule["remat"]
+        schedule["train_languages"] = list(config.data.train_languages)
+        objective = {
+            **dataclasses.asdict(config.method),
+            "estimation": dataclasses.asdict(config.estimation),
+            "anchor_languages": list(config.data.anchor_languages),
+        }
+        model = config.model.ref
+        if config.model.revision:
+            model = f"{model}@{config.model.revision}"
+        return cls(
+            model=model,
+            model_hash=model_hash,
+            dataset=dataset,
+            objective=objective,
+            schedule=schedule,
+            soft_prompt_shape=tuple(soft_prompt_shape),
+        )
 
     def to_json(self) -> dict[str, Any]:
         """Return the fingerprint as a JSON-compatible dict (tuples become lists)."""

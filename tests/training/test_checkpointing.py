@@ -25,6 +25,18 @@ from mcd_jax.training.checkpointing import (
     TrainState,
     check_fingerprint,
 )
+from mcd_jax.training.config import (
+    CheckpointConfig,
+    DataConfig,
+    DistributedConfig,
+    EstimationConfig,
+    LoggingConfig,
+    MeshConfig,
+    MethodConfig,
+    ModelSource,
+    ScheduleConfig,
+    TrainConfig,
+)
 
 PROMPT_SHAPE = (8, 16)
 
@@ -344,3 +356,37 @@ def test_unreadable_fingerprint_raises(tmp_path):
         check_fingerprint(tmp_path, fingerprint())
     check_fingerprint(tmp_path, fingerprint(), force=True)
     check_fingerprint(tmp_path, fingerprint())
+
+
+def test_fingerprint_from_config_ignores_remat(tmp_path):
+    config = TrainConfig(
+        model=ModelSource(ref="HuggingFaceTB/SmolLM2-135M-Instruct", revision="main"),
+        data=DataConfig(),
+        method=MethodConfig(),
+        schedule=ScheduleConfig(),
+        estimation=EstimationConfig(),
+        mesh=MeshConfig(),
+        distributed=DistributedConfig(),
+        checkpoint=CheckpointConfig(workdir=str(tmp_path)),
+        logging=LoggingConfig(),
+    )
+    shape = (40, 576)
+    base = RunFingerprint.from_config(config, model_hash="h", dataset="d", soft_prompt_shape=shape)
+    check_fingerprint(tmp_path, base)
+
+    with_remat = dataclasses.replace(config, schedule=ScheduleConfig(remat=True))
+    remat_fingerprint = RunFingerprint.from_config(
+        with_remat, model_hash="h", dataset="d", soft_prompt_shape=shape
+    )
+    check_fingerprint(tmp_path, remat_fingerprint)
+
+    assert base.model == "HuggingFaceTB/SmolLM2-135M-Instruct@main"
+    assert base.schedule["train_languages"] == ["en", "da", "ko", "el", "ga"]
+    other_languages = dataclasses.replace(config, data=DataConfig(train_languages=("en", "ko")))
+    with pytest.raises(FingerprintMismatchError, match="schedule.train_languages"):
+        check_fingerprint(
+            tmp_path,
+            RunFingerprint.from_config(
+                other_languages, model_hash="h", dataset="d", soft_prompt_shape=shape
+            ),
+        )

@@ -204,7 +204,8 @@ def test_process_id_beyond_processes_rejected():
 def test_every_flag_has_help():
     flag_values = flags.FlagValues()
     mcd_flags.define_flags(flag_values)
-    for name, flag in flag_values._flags().items():
+    for name in flag_values:
+        flag = flag_values[name]
         assert len(flag.help) > 20, name
         assert flag.help.endswith("."), name
 
