@@ -10,9 +10,9 @@ x0 of the same parallel queries, the objective has four terms, each averaged ove
   the text-prompt state in the batch's own language.
 - L_m (MCD only) = mean over all d coordinates of (T(xθ_lang) - target)^2. By default the
   target is the mean text-prompt state of the same query in the other training languages,
-  the reference code's choice. With `consistency_target="soft_prompt"` it is the mean of the
-  other languages' soft-prompt states, as the MCD paper (Li et al., arXiv 2505.11835)
-  writes the formula.
+  as in the authors' code. With `consistency_target="soft_prompt"` it is the mean of the
+  other languages' soft-prompt states, the formula as written in the MCD paper (Li et al.,
+  "Multilingual Collaborative Defense for Large Language Models", arXiv 2505.11835).
 
 DRO (Zheng et al., ICML 2024) is the same objective without L_m, trained on English only.
 Everything that depends only on text-prompt states is computed once per run by
@@ -39,7 +39,7 @@ ENGLISH = "en"
 
 @dataclasses.dataclass(frozen=True)
 class ObjectiveConfig:
-    """Weights and variants of the objective. The default weights are the reference code's.
+    """Weights and variants of the objective, with the MCD authors' code's default weights.
 
     Attributes:
         refusal_weight: Weight of L_r.
@@ -245,8 +245,8 @@ def _check_parallel_states(
 def soft_prompt_consistency_targets(soft_states: jax.Array, transform: Transform) -> jax.Array:
     """Compute the L_m targets of the "soft_prompt" variant inside a step.
 
-    Gradients flow through the targets, as in the paper's formula where soft-prompt states
-    are on both sides; wrap the result in `jax.lax.stop_gradient` to treat them as fixed.
+    Gradients flow through the targets because soft-prompt states sit on both sides of this
+    variant's L_m. Wrap the result in `jax.lax.stop_gradient` to treat them as fixed.
 
     Args:
         soft_states: xθ of the same queries in every training language,
@@ -381,7 +381,7 @@ def mcd_objective(
         transform: The fitted transform.
         refusal_probe: f_r.
         harmfulness_probe: f_h.
-        config: Weights and variant; the reference MCD settings when None.
+        config: Weights and variant; the default `ObjectiveConfig` (MCD) when None.
 
     Returns:
         `(total, terms)` as `objective_from_targets` returns them.
@@ -412,7 +412,7 @@ def parallel_objective(
     harmfulness_probe: LinearProbe,
     config: ObjectiveConfig,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Compute the objective of a batch that holds every training language of each query.
+    """Compute the objective of a batch that contains every training language of each query.
 
     This is the step of the parallel schedule. Each term is averaged over all
     `languages * batch` rows. In "soft_prompt" mode the L_m targets come from this batch's

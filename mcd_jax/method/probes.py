@@ -3,10 +3,10 @@
 The refusal probe predicts P(comply) from `T(h)[:m]` and is trained on soft labels, the
 compliance rates in [0, 1]. The harmfulness probe predicts P(harmless) from the same
 coordinates and is trained on binary labels (0 = harmful, 1 = harmless). Both are trained
-the reference's way: full-batch AdamW with early stopping on a held-out fold, K folds from
-one seeded shuffle, and the K probes' weights and biases averaged into one probe. Unlike the
-reference, which trains only one fold of the harmfulness probe, every fold of both probes
-is trained.
+the way the MCD authors' PyTorch code (the reference code) trains them: full-batch AdamW
+with early stopping on a held-out fold, K folds from one seeded shuffle, and the K probes'
+weights and biases averaged into one probe. Unlike the reference code, which trains only
+one fold of the harmfulness probe, every fold of both probes is trained.
 
 All folds train at once: the fold loop is a `jax.vmap` over row masks, and each fold's
 training loop is a `lax.while_loop` that carries its own early-stopping state.
@@ -46,12 +46,11 @@ class LinearProbe:
 
 @dataclasses.dataclass(frozen=True)
 class ProbeTrainingConfig:
-    """How a probe is trained. The defaults are the reference's.
+    """Settings of probe training, with the reference code's defaults.
 
     Attributes:
         learning_rate: AdamW learning rate.
-        weight_decay: AdamW decoupled weight decay, applied to weight and bias (0.01 is
-            torch.optim.AdamW's default, which the reference uses).
+        weight_decay: AdamW decoupled weight decay, applied to weight and bias.
         max_steps: Maximum full-batch steps per fold, reached only if early stopping
             never triggers.
         eval_every: Steps between two evaluations of the held-out loss.
@@ -62,6 +61,9 @@ class ProbeTrainingConfig:
     """
 
     learning_rate: float = 1e-4
+    # NOTE: The reference code's weight decay, evaluation interval and step limit are not
+    # documented. These assume torch.optim.AdamW's default decay (0.01) and one evaluation
+    # per full-batch step; max_steps is only a safety limit.
     weight_decay: float = 0.01
     max_steps: int = 10_000
     eval_every: int = 1

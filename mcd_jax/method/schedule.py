@@ -1,10 +1,10 @@
 """Batch schedules over a parallel training set, deterministic and resumable.
 
-Every training language holds the same examples in the same order (harmful and harmless
+Every training language contains the same examples in the same order (harmful and harmless
 queries together), so an example index names the same query in every language. Two
 schedules are supported:
 
-- `CollaborativeSchedule`, the reference's: the central languages are visited in turn, and
+- `CollaborativeSchedule`, the MCD authors' schedule: the central languages are visited in turn, and
   for each, `epochs_per_language` epochs of shuffled batches run over that language's
   examples. DRO is this schedule with English only, batch 50 and 40 epochs.
 - `ParallelSchedule`: each batch holds `batch_size` queries in every training language, so
@@ -36,9 +36,9 @@ DRO_EPOCHS = 40
 
 
 class SchedulePosition(NamedTuple):
-    """Where a schedule is: the step at (language, epoch, batch) runs next.
+    """Position of the next step to run, as stored in a checkpoint.
 
-    `language` is None for the parallel schedule, whose batches hold every language.
+    `language` is None for the parallel schedule, whose batches contain every language.
     """
 
     language: str | None
@@ -53,7 +53,7 @@ class ScheduleStep:
     Attributes:
         step: Step number, from 0.
         language: Language of every example in the batch; None in the parallel schedule,
-            where the batch holds each example in every training language.
+            where the batch contains each example in every training language.
         epoch: Epoch within the current language (or within the run, for the parallel
             schedule), from 0.
         batch_index: Batch within the epoch, from 0.
@@ -202,7 +202,7 @@ class _Schedule:
 
 @dataclasses.dataclass(frozen=True)
 class CollaborativeSchedule(_Schedule):
-    """The reference schedule: central languages in turn, `epochs` epochs each.
+    """The MCD authors' schedule: central languages in turn, `epochs` epochs each.
 
     Use `collaborative_schedule` or `dro_schedule` to build one from the defaults.
     """
@@ -250,7 +250,7 @@ def collaborative_schedule(
     seed: int = DEFAULT_SEED,
     drop_last: bool = False,
 ) -> CollaborativeSchedule:
-    """Build the reference MCD schedule (500 steps for 200 examples per language).
+    """Build the MCD authors' schedule (500 steps for 200 examples per language).
 
     Args:
         num_examples: Examples per language, or a map from language to its count, which

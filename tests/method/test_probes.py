@@ -15,8 +15,8 @@ from mcd_jax.method.probes import (
 PLANTED_WEIGHT = np.array([2.0, -1.0, 0.5, 1.5])
 PLANTED_BIAS = 0.3
 
-# A larger learning rate than the reference's 1e-4 lets unit-scale features converge in a
-# few hundred steps; the reference rate is meant for PCA scores of hidden states.
+# The reference learning rate of 1e-4 suits PCA scores of hidden states, which are large.
+# Unit-scale features need a larger rate to converge within a few hundred steps.
 FAST = ProbeTrainingConfig(learning_rate=0.05, weight_decay=0.0, max_steps=2000, min_delta=1e-6)
 
 
@@ -90,9 +90,9 @@ def test_fold_results_have_one_entry_per_fold():
 def _adamw_transcription(features, labels, train_rows, heldout_rows, config):
     """Train one fold from zeros with a plain NumPy AdamW loop (torch.optim.AdamW's update).
 
-    Early stopping: evaluate the held-out BCE after every step; a drop of more than
-    min_delta below the best so far is an improvement and saves the probe; stop after
-    `patience` evaluations in a row without one. Returns (weight, bias, steps).
+    The held-out BCE is evaluated after every step. A drop of more than min_delta below the
+    best so far is an improvement and saves the probe. Training stops after `patience`
+    evaluations in a row without one. Returns (weight, bias, steps).
     """
     x_train, y_train = features[train_rows].astype(np.float64), labels[train_rows]
     x_heldout, y_heldout = features[heldout_rows].astype(np.float64), labels[heldout_rows]
