@@ -17,7 +17,7 @@ flags it needs as required and turns the parsed flags into a `TrainConfig`:
 absl checks each value's range and enum while parsing, and a validator over all flags checks the
 combinations (`mcd_jax.training.config.cross_setting_problems`), so a bad command line fails with
 "FATAL Flags parsing error" before any work starts. Defaults come from the dataclasses in
-`mcd_jax.training.config`. A flagfile (`--flagfile=configs/<model>.cfg`) holds one `--name=value`
+`mcd_jax.training.config`. A flagfile (`--flagfile=configs/<model>.cfg`) contains one `--name=value`
 per line.
 """
 
@@ -164,6 +164,7 @@ def _define_method_flags(fv: flags.FlagValues) -> None:
         "--text_prompt. Unset: --text_prompt.",
         flag_values=fv,
     )
+
     flags.DEFINE_integer(
         "num_components",
         _METHOD.num_components,
@@ -178,10 +179,12 @@ def _define_method_flags(fv: flags.FlagValues) -> None:
         flag_values=fv,
         **_bounds("probe_folds"),
     )
+
     _define_weight_flag(fv, "weight_refusal", "refusal term L_r")
     _define_weight_flag(fv, "weight_harmfulness", "harmfulness term L_h")
     _define_weight_flag(fv, "weight_complement", "complement term L_U")
     _define_weight_flag(fv, "weight_consistency", "cross-language consistency term L_m")
+
     flags.DEFINE_enum(
         "consistency_target",
         _METHOD.consistency_target,
@@ -220,7 +223,7 @@ def _define_schedule_flags(fv: flags.FlagValues) -> None:
         _SCHEDULE.schedule,
         _choices("schedule"),
         "collaborative: one language at a time, in --train_languages order. all_languages: "
-        "every batch holds each query in every training language.",
+        "every batch contains each query in every training language.",
         flag_values=fv,
     )
     flags.DEFINE_integer(
@@ -454,16 +457,41 @@ def _data_config(values: Mapping[str, Any]) -> config_lib.DataConfig:
     return config_lib.DataConfig(train_languages=_train_languages(values), **fields)
 
 
-def _check_combinations(values: Mapping[str, Any]) -> bool:
-    problems = config_lib.cross_setting_problems(
-        _data_config(values),
-        config_lib.MethodConfig(**_section_values(values, "method")),
-        config_lib.EstimationConfig(**_section_values(values, "estimation")),
-        config_lib.DistributedConfig(**_section_values(values, "distributed")),
-    )
+def _raise_problems(problems: list[str]) -> bool:
     if problems:
-        raise flags.ValidationError("; ".join(problems))
+        raise flags.ValidationError("\n  ".join(problems))
     return True
+
+
+def _check_languages_and_mode(values: Mapping[str, Any]) -> bool:
+    data = config_lib.DataConfig(
+        train_languages=_train_languages(values),
+        anchor_languages=_canonical_languages(values["anchor_languages"]) or (),
+    )
+    method = config_lib.MethodConfig(mode=values["mode"], ablation=values["ablation"])
+    return _raise_problems(config_lib.data_and_method_problems(data, method))
+
+
+def _check_estimation(values: Mapping[str, Any]) -> bool:
+    estimation = config_lib.EstimationConfig(**_section_values(values, "estimation"))
+    return _raise_problems(config_lib.estimation_problems(estimation))
+
+
+def _check_distributed(values: Mapping[str, Any]) -> bool:
+    distributed = config_lib.DistributedConfig(**_section_values(values, "distributed"))
+    return _raise_problems(config_lib.distributed_problems(distributed))
+
+
+# Validators over several flags, each with the flags it reads; absl prints those flags' values
+# before the message.
+_COMBINATION_VALIDATORS = (
+    (("train_languages", "anchor_languages", "mode", "ablation"), _check_languages_and_mode),
+    (
+        ("label_samples", "label_keep_longest", "label_max_new_tokens", "label_decoding"),
+        _check_estimation,
+    ),
+    (("coordinator_address", "num_processes", "process_id"), _check_distributed),
+)
 
 
 def define_flags(flag_values: flags.FlagValues) -> None:
@@ -487,8 +515,8 @@ def define_flags(flag_values: flags.FlagValues) -> None:
 
     for name in ("train_languages", "anchor_languages"):
         flags.register_validator(name, _check_language_codes, flag_values=flag_values)
-    combined = ["train_languages", *(name for name in FLAG_FIELDS if name != "model")]
-    flags.register_multi_flags_validator(combined, _check_combinations, flag_values=flag_values)
+    for names, checker in _COMBINATION_VALIDATORS:
+        flags.register_multi_flags_validator(list(names), checker, flag_values=flag_values)
 
 
 def mark_required_train_flags(flag_values: flags.FlagValues = FLAGS) -> None:

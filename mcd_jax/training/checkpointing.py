@@ -1,4 +1,4 @@
-"""Orbax checkpoints of the training state, the run fingerprint and the work directory.
+"""Orbax checkpoints of the training state, and the run fingerprint that guards resuming.
 
 A run trains one soft prompt `[P, d]` with one optax optimizer, so a checkpoint is small: the soft
 prompt, the optimizer state, the RNG key and the position in the language schedule. Each step
@@ -16,9 +16,10 @@ to restore, and `TrainingCheckpoints.restore_latest` falls back to the previous 
 
 The trainer's loop, in outline:
 
-    check_fingerprint(workdir, fingerprint, force=config.force_resume)
+    fingerprint = RunFingerprint.from_config(config, model_hash=..., dataset=..., ...)
+    check_fingerprint(workdir, fingerprint, force=config.checkpoint.force_resume)
     with PreemptionWatcher() as preemption, TrainingCheckpoints(workdir, ...) as checkpoints:
-        state = checkpoints.resume_or_start(initial_state, resume=config.resume)
+        state = checkpoints.resume_or_start(initial_state, resume=config.checkpoint.resume)
         while ...:
             state = train_step(state)
             checkpoints.save(state)  # saves only every `save_every` steps

@@ -1,10 +1,10 @@
 """The training job's configuration: a frozen dataclass tree that `mcd_jax.flags` fills in.
 
 The defaults here are the defaults of the command-line flags. The loss weights, batch size,
-epochs per language, learning rate, weight decay, clipping and seed are the ones of the MCD
-reference code; `configs/*.cfg` flagfiles override them per model. Every check that involves
-one value is made by the flags (absl bounds and enums); `TrainConfig.__post_init__` repeats the
-checks that involve several values, so a config built in Python fails the same way.
+epochs per language, learning rate, weight decay, clipping and seed are those of the MCD
+reference implementation, and a flagfile per model overrides them. The flags check single
+values (absl bounds and enums) and combinations while parsing. `TrainConfig.__post_init__` runs
+the same checks, so a config built in Python fails the same way.
 
 This module imports no JAX, so parsing flags stays fast.
 """
@@ -126,7 +126,7 @@ class ScheduleConfig:
 
     Attributes:
         schedule: "collaborative" (one language at a time, in `train_languages` order) or
-            "all_languages" (every batch holds each query in every training language).
+            "all_languages" (every batch contains each query in every training language).
         batch_size: queries per batch (per language in "all_languages").
         epochs_per_language: epochs over each language's data ("collaborative"), or over the
             data in total ("all_languages").
@@ -372,31 +372,15 @@ def cross_setting_problems(
     Returns:
         One sentence per problem; empty when the combination is valid.
     """
-    problems = _language_problems(data, method)
-
-    if method.mode == "dro" and method.ablation == "no_consistency":
-        problems.append(
-            "--ablation=no_consistency has no effect with --mode=dro, which has no consistency "
-            "term; use --ablation=none"
-        )
-
-    if estimation.label_keep_longest > estimation.label_samples:
-        problems.append(
-            f"--label_keep_longest={estimation.label_keep_longest} exceeds "
-            f"--label_samples={estimation.label_samples}; lower it or raise --label_samples"
-        )
-    if estimation.label_decoding == "greedy" and estimation.label_samples > 1:
-        problems.append(
-            f"--label_decoding=greedy returns the same response every time, so "
-            f"--label_samples={estimation.label_samples} repeats work; set --label_samples=1 "
-            "and --label_keep_longest=1, or use --label_decoding=sampled"
-        )
-
-    problems.extend(_distributed_problems(distributed))
-    return problems
+    return (
+        data_and_method_problems(data, method)
+        + estimation_problems(estimation)
+        + distributed_problems(distributed)
+    )
 
 
-def _language_problems(data: DataConfig, method: MethodConfig) -> list[str]:
+def data_and_method_problems(data: DataConfig, method: MethodConfig) -> list[str]:
+    """List the problems of the language lists and their fit with --mode and --ablation."""
     problems = []
     for flag, languages in (
         ("--train_languages", data.train_languages),
@@ -413,6 +397,11 @@ def _language_problems(data: DataConfig, method: MethodConfig) -> list[str]:
             f"--mode=dro trains on English only, but --train_languages="
             f"{','.join(data.train_languages)}; set --train_languages=en or use --mode=mcd"
         )
+    if method.mode == "dro" and method.ablation == "no_consistency":
+        problems.append(
+            "--ablation=no_consistency has no effect with --mode=dro, which has no consistency "
+            "term; use --ablation=none"
+        )
     needs_other_languages = method.mode == "mcd" and method.ablation != "no_consistency"
     if needs_other_languages and len(data.train_languages) < 2:
         problems.append(
@@ -422,12 +411,30 @@ def _language_problems(data: DataConfig, method: MethodConfig) -> list[str]:
     return problems
 
 
-def _distributed_problems(distributed: DistributedConfig) -> list[str]:
+def estimation_problems(estimation: EstimationConfig) -> list[str]:
+    """List the problems of the refusal-label settings taken together."""
+    problems = []
+    if estimation.label_keep_longest > estimation.label_samples:
+        problems.append(
+            f"--label_keep_longest={estimation.label_keep_longest} exceeds "
+            f"--label_samples={estimation.label_samples}; lower it or raise --label_samples"
+        )
+    if estimation.label_decoding == "greedy" and estimation.label_samples > 1:
+        problems.append(
+            f"--label_decoding=greedy returns the same response every time, so "
+            f"--label_samples={estimation.label_samples} repeats work; set --label_samples=1 "
+            "and --label_keep_longest=1, or use --label_decoding=sampled"
+        )
+    return problems
+
+
+def distributed_problems(distributed: DistributedConfig) -> list[str]:
+    """List the problems of the multi-host settings taken together."""
     problems = []
     address = distributed.coordinator_address
     if address is not None and not _COORDINATOR_ADDRESS.match(address):
         problems.append(
-            f"--coordinator_address={address!r} is not of the form host:port (e.g. 10.0.0.2:1234)"
+            f"--coordinator_address={address!r} is not of the form host:port (e.g. node0:1234)"
         )
     num_processes, process_id = distributed.num_processes, distributed.process_id
     if num_processes is not None and process_id is not None and process_id >= num_processes:

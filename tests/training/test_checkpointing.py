@@ -151,6 +151,33 @@ def test_round_trip_mixed_language_position(tmp_path):
     assert restored.position == SchedulePosition(language=None, epoch=1, batch=3)
 
 
+def test_restore_keeps_template_sharding(tmp_path):
+    devices = np.array(jax.devices())
+    assert devices.size == 8, "tests/conftest.py sets 8 host CPU devices"
+    mesh = jax.sharding.Mesh(devices, ("data",))
+    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data", None))
+    saved = trained_state(2)
+    saved = dataclasses.replace(saved, soft_prompt=jax.device_put(saved.soft_prompt, rows))
+    template = initial_state()
+    template = dataclasses.replace(
+        template,
+        soft_prompt=jax.device_put(template.soft_prompt, rows),
+        opt_state=jax.tree.map(
+            lambda x: jax.device_put(x, rows) if x.ndim == 2 else x, template.opt_state
+        ),
+    )
+
+    with TrainingCheckpoints(tmp_path, save_every=1, max_to_keep=1) as ckpts:
+        ckpts.save(saved)
+        ckpts.wait_until_finished()
+        restored = ckpts.restore(2, template)
+
+    assert restored.soft_prompt.sharding == rows
+    mu = restored.opt_state[1][0].mu
+    assert mu.sharding == rows
+    assert np.asarray(restored.soft_prompt).tobytes() == np.asarray(saved.soft_prompt).tobytes()
+
+
 def test_keeps_last_k_and_resumes_latest(tmp_path):
     with TrainingCheckpoints(tmp_path, save_every=2, max_to_keep=2) as ckpts:
         started = [ckpts.save(trained_state(step)) for step in range(1, 8)]
