@@ -36,3 +36,11 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"public datasets folder {SHARED_DATA} is absent on this machine")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_gguf):
+    """The SmolLM2 tokenizer and chat template, read from its GGUF once per session."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
