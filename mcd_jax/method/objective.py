@@ -94,7 +94,10 @@ class ObjectiveConfig:
 
 @struct.dataclass
 class BaseTargets:
-    """The text-prompt side of the objective for one batch; no gradient flows into it.
+    """Base side of the objective for one batch, fixed except in the "soft_prompt" variant.
+
+    In that variant `consistency` comes from the batch's soft-prompt states, so gradients
+    can flow into it. Every other field comes from text-prompt states.
 
     Attributes:
         refusal_logits: f_r(T(x0_en)[:m]), `[batch]`.
@@ -346,7 +349,10 @@ def _bce(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 def _check_consistency_input(consistency: jax.Array | None, config: ObjectiveConfig) -> None:
     if config.mode == "dro" and consistency is not None:
-        raise ValueError("DRO mode has no consistency term (L_m); pass no consistency targets")
+        raise ValueError(
+            "DRO mode has no consistency term (L_m); pass no consistency targets, for example "
+            "by building the text-prompt cache from English alone"
+        )
     needed = config.mode == "mcd" and config.weights()["consistency"] > 0
     if needed and consistency is None:
         raise ValueError(

@@ -3,10 +3,10 @@
 The refusal probe predicts P(comply) from `T(h)[:m]` and is trained on soft labels, the
 compliance rates in [0, 1]. The harmfulness probe predicts P(harmless) from the same
 coordinates and is trained on binary labels (0 = harmful, 1 = harmless). Both are trained
-the way the MCD authors' PyTorch code (the reference code) trains them: full-batch AdamW
-with early stopping on a held-out fold, K folds from one seeded shuffle, and the K probes'
-weights and biases averaged into one probe. Unlike the reference code, which trains only
-one fold of the harmfulness probe, every fold of both probes is trained.
+as in the MCD authors' PyTorch code (the reference code). Training is full-batch AdamW
+with early stopping on a held-out fold, over K folds from one seeded shuffle. The K
+probes' weights and biases are then averaged into one probe. Unlike the reference code,
+which trains only one fold of the harmfulness probe, every fold of both probes is trained.
 
 All folds train at once: the fold loop is a `jax.vmap` over row masks, and each fold's
 training loop is a `lax.while_loop` that carries its own early-stopping state.
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +43,37 @@ class LinearProbe:
     def __call__(self, features: jax.Array) -> jax.Array:
         """Map safety-subspace coordinates `[..., m]` to logits `[...]`."""
         return jnp.matmul(features, self.weight, precision=_HIGHEST) + self.bias
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the probe to a NumPy `.npz` archive at exactly `path` (float32 arrays)."""
+        with open(path, "wb") as file:
+            np.savez(
+                file,
+                weight=np.asarray(self.weight, dtype=np.float32),
+                bias=np.asarray(self.bias, dtype=np.float32),
+            )
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> LinearProbe:
+        """Read a probe that `save` wrote.
+
+        Raises:
+            ValueError: If a key is missing or weight and bias do not fit together.
+        """
+        with np.load(path) as archive:
+            missing = {"weight", "bias"} - set(archive.files)
+            if missing:
+                raise ValueError(
+                    f"probe file {path} is missing {sorted(missing)}; write it with "
+                    "LinearProbe.save"
+                )
+            weight, bias = archive["weight"], archive["bias"]
+        if weight.ndim < 1 or bias.shape != weight.shape[:-1]:
+            raise ValueError(
+                f"probe file {path} has weight shape {weight.shape} and bias shape "
+                f"{bias.shape}; expected [..., m] and [...]"
+            )
+        return cls(weight=jnp.asarray(weight), bias=jnp.asarray(bias))
 
 
 @dataclasses.dataclass(frozen=True)

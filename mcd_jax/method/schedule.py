@@ -7,7 +7,7 @@ schedules are supported:
 - `CollaborativeSchedule`, the MCD authors' schedule: the central languages are visited in turn, and
   for each, `epochs_per_language` epochs of shuffled batches run over that language's
   examples. DRO is this schedule with English only, batch 50 and 40 epochs.
-- `ParallelSchedule`: each batch holds `batch_size` queries in every training language, so
+- `ParallelSchedule`: each batch contains `batch_size` queries in every training language, so
   a step sees all languages of a query together (and the soft-prompt variant of L_m can use
   them).
 

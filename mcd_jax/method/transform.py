@@ -62,14 +62,17 @@ class Transform:
         return complement_coordinates(self(states), self.num_components)
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the transform to a NumPy `.npz` file (float32 arrays)."""
-        np.savez(
-            path,
-            mean=np.asarray(self.mean, dtype=np.float32),
-            basis=np.asarray(self.basis, dtype=np.float32),
-            explained_variance_ratio=np.asarray(self.explained_variance_ratio, dtype=np.float32),
-            num_components=np.int64(self.num_components),
-        )
+        """Write the transform to a NumPy `.npz` archive at exactly `path` (float32 arrays)."""
+        with open(path, "wb") as file:
+            np.savez(
+                file,
+                mean=np.asarray(self.mean, dtype=np.float32),
+                basis=np.asarray(self.basis, dtype=np.float32),
+                explained_variance_ratio=np.asarray(
+                    self.explained_variance_ratio, dtype=np.float32
+                ),
+                num_components=np.int64(self.num_components),
+            )
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Transform:

@@ -22,7 +22,7 @@ from mcd_jax.method.objective import (
     precompute_text_prompt_cache,
 )
 from mcd_jax.method.probes import LinearProbe
-from mcd_jax.method.transform import Transform
+from mcd_jax.method.transform import Transform, complete_basis
 
 HIDDEN_SIZE = 24
 NUM_COMPONENTS = 4
@@ -288,6 +288,31 @@ def test_custom_weights_scale_terms(problem):
     config = ObjectiveConfig(**{f"{name}_weight": value for name, value in weights.items()})
     total, _ = _raw_state_objective(problem, 2, config)
     np.testing.assert_allclose(float(total), np_total(np_terms(problem, 2), weights), rtol=1e-5)
+
+
+def test_terms_ignore_basis_completion(problem):
+    # L_U and L_m only use squared distances, which any orthonormal completion preserves.
+    components = jnp.asarray(problem.basis[:, :NUM_COMPONENTS], jnp.float32)
+    terms_by_completion = []
+    for seed in (None, 42):
+        transform = problem.transform().replace(basis=complete_basis(components, seed=seed))
+        text = jnp.asarray(problem.text, jnp.float32)
+        cache = precompute_text_prompt_cache(text, LANGUAGES, transform, *problem.probes())
+        _, terms = objective_from_targets(
+            jnp.asarray(problem.soft[1], jnp.float32),
+            cache.batch("da", jnp.asarray(problem.rows)),
+            jnp.asarray(problem.labels),
+            transform,
+            *problem.probes(),
+            ObjectiveConfig(),
+        )
+        terms_by_completion.append(terms)
+
+    householder, seeded = terms_by_completion
+    for name in WEIGHTS:
+        np.testing.assert_allclose(
+            float(householder[name]), float(seeded[name]), rtol=1e-5, err_msg=name
+        )
 
 
 def test_base_targets_from_states_match_cache(problem):

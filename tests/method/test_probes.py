@@ -206,3 +206,20 @@ def test_fit_probe_rejects_wrong_initial_shape():
 def test_probe_config_rejects_bad_values(changes):
     with pytest.raises(ValueError, match="invalid"):
         ProbeTrainingConfig(**changes)
+
+
+def test_probe_save_load_round_trip(tmp_path):
+    probe = LinearProbe(weight=np.array([0.5, -1.5, 2.0], np.float32), bias=np.float32(0.25))
+    path = tmp_path / "refusal_probe"
+    probe.save(path)
+    loaded = LinearProbe.load(path)
+
+    np.testing.assert_array_equal(np.asarray(loaded.weight), np.asarray(probe.weight))
+    assert float(loaded.bias) == 0.25
+
+
+def test_probe_load_rejects_mismatched_shapes(tmp_path):
+    path = tmp_path / "probe.npz"
+    np.savez(path, weight=np.zeros((2, 4), np.float32), bias=np.zeros(3, np.float32))
+    with pytest.raises(ValueError, match="expected"):
+        LinearProbe.load(path)
