@@ -320,9 +320,10 @@ def objective_from_targets(
         (before weighting) under its TERM_NAMES key plus "total".
 
     Raises:
-        ValueError: If L_m is weighted but its targets are missing, or targets are given
-            in DRO mode.
+        ValueError: If a shape does not fit the batch and transform, L_m is weighted but
+            its targets are missing, or targets are given in DRO mode.
     """
+    _check_batch_shapes(soft_states, targets, labels, transform)
     _check_consistency_input(targets.consistency, config)
     transformed = transform(soft_states)
     labels = labels.astype(transformed.dtype)
@@ -345,6 +346,29 @@ def objective_from_targets(
 
 def _bce(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return jnp.mean(optax.sigmoid_binary_cross_entropy(logits, labels))
+
+
+def _check_batch_shapes(
+    soft_states: jax.Array, targets: BaseTargets, labels: jax.Array, transform: Transform
+) -> None:
+    if soft_states.ndim != 2:
+        raise ValueError(f"soft_states has shape {soft_states.shape}, expected [batch, d]")
+    batch, d, m = soft_states.shape[0], transform.hidden_size, transform.num_components
+    shapes = {
+        "soft_states": (soft_states.shape, (batch, d)),
+        "labels": (labels.shape, (batch,)),
+        "refusal_logits": (targets.refusal_logits.shape, (batch,)),
+        "harmfulness_logits": (targets.harmfulness_logits.shape, (batch,)),
+        "complement": (targets.complement.shape, (batch, d - m)),
+    }
+    if targets.consistency is not None:
+        shapes["consistency"] = (targets.consistency.shape, (batch, d))
+    for name, (shape, expected) in shapes.items():
+        if tuple(shape) != expected:
+            raise ValueError(
+                f"{name} has shape {tuple(shape)}, expected {expected} for a batch of {batch} "
+                f"states of size {d} and a transform with {m} components"
+            )
 
 
 def _check_consistency_input(consistency: jax.Array | None, config: ObjectiveConfig) -> None:
@@ -449,9 +473,10 @@ def parallel_objective(
     batch = soft_states.shape[1]
 
     consistency = None
-    if config.mode == "mcd" and config.consistency_target == "soft_prompt":
+    soft_targets = config.mode == "mcd" and config.consistency_target == "soft_prompt"
+    if soft_targets and num_languages > 1:
         consistency = soft_prompt_consistency_targets(soft_states, transform)
-    elif config.mode == "mcd" and cache.consistency is not None:
+    elif config.mode == "mcd" and not soft_targets and cache.consistency is not None:
         consistency = cache.consistency[:, example_indices]
 
     def rows(values: jax.Array) -> jax.Array:

@@ -271,7 +271,7 @@ def _train_folds(features, labels, train_mask, heldout_mask, initial, config):
 def _train_fold(features, labels, train_mask, heldout_mask, initial, *, config):
     """Train one fold until its held-out loss stops improving; keep the best probe."""
     optimizer = optax.adamw(config.learning_rate, weight_decay=config.weight_decay)
-    loss_and_grad = jax.value_and_grad(_masked_bce)
+    loss_gradient = jax.grad(_masked_bce)
 
     def keep_training(state):
         step, _, _, _, _, evaluations_without_improvement = state
@@ -279,7 +279,7 @@ def _train_fold(features, labels, train_mask, heldout_mask, initial, *, config):
 
     def train_step(state):
         step, probe, opt_state, best_probe, best_loss, evaluations_without_improvement = state
-        _, grads = loss_and_grad(probe, features, labels, train_mask)
+        grads = loss_gradient(probe, features, labels, train_mask)
         updates, opt_state = optimizer.update(grads, opt_state, probe)
         probe = optax.apply_updates(probe, updates)
         step = step + 1

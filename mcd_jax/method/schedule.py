@@ -176,9 +176,16 @@ class _Schedule:
         raise NotImplementedError
 
     def steps(self, start: int | SchedulePosition = 0) -> Iterator[ScheduleStep]:
-        """Yield the steps from `start` (a step number or a restored position) to the end."""
+        """Iterate over the steps from `start` (a step number or a restored position).
+
+        Raises:
+            ValueError: At the call, if `start` is not part of this schedule.
+        """
         first = int(start) if isinstance(start, (int, np.integer)) else self.step_of(start)
         self.position_of(first)
+        return self._steps_from(first)
+
+    def _steps_from(self, first: int) -> Iterator[ScheduleStep]:
         order = None
         for step in range(first, self.num_steps):
             round_index, within_round = divmod(step, self.epochs * self.batches_per_epoch)

@@ -445,6 +445,30 @@ def test_dro_rejects_consistency_targets(problem):
         )
 
 
+@pytest.mark.parametrize(
+    ("field", "shape"),
+    [("complement", (BATCH, HIDDEN_SIZE)), ("refusal_logits", (1,)), ("consistency", (BATCH, 3))],
+)
+def test_objective_rejects_mismatched_shapes(problem, field, shape):
+    targets = base_targets_from_states(
+        jnp.asarray(problem.text[0][problem.rows], jnp.float32),
+        jnp.asarray(problem.text[1][problem.rows], jnp.float32),
+        jnp.zeros((BATCH, HIDDEN_SIZE)),
+        problem.transform(),
+        *problem.probes(),
+    )
+    targets = targets.replace(**{field: jnp.zeros(shape)})
+    with pytest.raises(ValueError, match=f"{field} has shape"):
+        objective_from_targets(
+            jnp.asarray(problem.soft[1], jnp.float32),
+            targets,
+            jnp.asarray(problem.labels),
+            problem.transform(),
+            *problem.probes(),
+            ObjectiveConfig(),
+        )
+
+
 def test_cache_requires_english(problem):
     with pytest.raises(ValueError, match="lack 'en'"):
         precompute_text_prompt_cache(

@@ -175,7 +175,7 @@ def test_schedule_rejects_bad_settings(build, message):
 )
 def test_schedule_rejects_bad_positions(position, message):
     with pytest.raises(ValueError, match=message):
-        list(collaborative_schedule(200).steps(SchedulePosition(*position)))
+        collaborative_schedule(200).steps(SchedulePosition(*position))
 
 
 def test_schedule_rejects_out_of_range_step():
