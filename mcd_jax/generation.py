@@ -21,12 +21,13 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
-from mcd_jax.chat import ChatBatch, format_chat_batch
+from mcd_jax.chat import format_chat_batch
 from mcd_jax.models.transformer import Transformer
 from mcd_jax.sampling import SamplingConfig, select_next_tokens
 from mcd_jax.soft_prompt import check_soft_prompt, splice_soft_prompt
+from mcd_jax.states import batch_arrays
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,8 +122,7 @@ def generate(
             pad_to_multiple_of=pad_to_multiple_of,
             max_length=context - sampling.max_new_tokens,
         )
-        arrays = _pad_rows(batch, batch_size)
-        arrays = _place(arrays, mesh)
+        arrays = batch_arrays(batch, batch_size, mesh)
         key = jax.random.fold_in(jax.random.key(sampling.seed), start)
         tokens, num_tokens = _generate_jit(
             graphdef, state, arrays, soft_prompt, key, sampling, batch.pad_id
@@ -149,31 +149,6 @@ def _check_batch_size(batch_size: int, mesh: Mesh | None) -> None:
             f"batch_size={batch_size} is not a multiple of the mesh's batch-parallel size "
             f"data x fsdp = {parallel}; choose a multiple of {parallel}."
         )
-
-
-def _pad_rows(batch: ChatBatch, rows: int) -> dict[str, np.ndarray]:
-    """Pad the batch to `rows` rows by repeating its first row; the copies are dropped later."""
-    arrays = {
-        "input_ids": batch.input_ids,
-        "attention_mask": batch.attention_mask,
-        "position_ids": batch.position_ids,
-    }
-    if batch.slot_positions is not None:
-        arrays["slot_positions"] = batch.slot_positions
-    missing = rows - batch.input_ids.shape[0]
-    if missing > 0:
-        arrays = {
-            name: np.concatenate([value, np.repeat(value[:1], missing, axis=0)])
-            for name, value in arrays.items()
-        }
-    return arrays
-
-
-def _place(arrays: dict[str, np.ndarray], mesh: Mesh | None) -> dict[str, jax.Array]:
-    if mesh is None:
-        return {name: jnp.asarray(value) for name, value in arrays.items()}
-    sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp"), None))
-    return {name: jax.device_put(value, sharding) for name, value in arrays.items()}
 
 
 def _row_result(tokens: np.ndarray, count: int, sampling: SamplingConfig) -> tuple[list[int], bool]:
