@@ -39,7 +39,7 @@ ENGLISH = "en"
 
 @dataclasses.dataclass(frozen=True)
 class ObjectiveConfig:
-    """Weights and variants of the objective, with the MCD authors' code's default weights.
+    """Weights and variants of the objective. The default weights are the MCD authors'.
 
     Attributes:
         refusal_weight: Weight of L_r.
