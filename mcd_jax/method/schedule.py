@@ -7,9 +7,9 @@ schedules are supported:
 - `CollaborativeSchedule`, the MCD authors' schedule: the central languages are visited in turn, and
   for each, `epochs_per_language` epochs of shuffled batches run over that language's
   examples. DRO is this schedule with English only, batch 50 and 40 epochs.
-- `ParallelSchedule`: each batch contains `batch_size` queries in every training language, so
-  a step sees all languages of a query together (and the soft-prompt variant of L_m can use
-  them).
+- `ParallelSchedule`: each batch contains `batch_size` queries in every training language,
+  so one step trains on all languages of a query together. The soft-prompt variant of L_m
+  needs such batches.
 
 Each epoch's order is drawn from `(seed, language position, epoch)` alone, so any position
 can be restored from a checkpoint without replaying the earlier epochs.

@@ -1,7 +1,5 @@
 """K-fold linear probes: planted directions, fold averaging, early stopping, bad input."""
 
-import dataclasses
-
 import numpy as np
 import pytest
 
@@ -14,6 +12,8 @@ from mcd_jax.method.probes import (
 
 PLANTED_WEIGHT = np.array([2.0, -1.0, 0.5, 1.5])
 PLANTED_BIAS = 0.3
+# One example count for the tests that share FAST, so the jitted training compiles once.
+NUM_EXAMPLES = 400
 
 # The reference learning rate of 1e-4 suits PCA scores of hidden states, which are large.
 # Unit-scale features need a larger rate to converge within a few hundred steps.
@@ -33,8 +33,8 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def test_probe_recovers_planted_direction_binary():
-    features, probabilities = _logistic_data(2000)
-    labels = (np.random.default_rng(1).random(2000) < probabilities).astype(np.float32)
+    features, probabilities = _logistic_data(NUM_EXAMPLES)
+    labels = (np.random.default_rng(1).random(NUM_EXAMPLES) < probabilities).astype(np.float32)
     fit = fit_probe(features, labels, FAST)
 
     assert _cosine(np.asarray(fit.probe.weight), PLANTED_WEIGHT) > 0.95
@@ -43,7 +43,7 @@ def test_probe_recovers_planted_direction_binary():
 
 def test_probe_recovers_planted_direction_soft_labels():
     # Soft labels equal to the planted probabilities: the BCE minimiser is the planted probe.
-    features, probabilities = _logistic_data(500)
+    features, probabilities = _logistic_data(NUM_EXAMPLES)
     fit = fit_probe(features, probabilities, FAST)
 
     assert _cosine(np.asarray(fit.probe.weight), PLANTED_WEIGHT) > 0.99
@@ -51,7 +51,7 @@ def test_probe_recovers_planted_direction_soft_labels():
 
 
 def test_averaged_probe_is_mean_of_folds():
-    features, probabilities = _logistic_data(300)
+    features, probabilities = _logistic_data(NUM_EXAMPLES, seed=2)
     fit = fit_probe(features, probabilities, FAST)
 
     assert fit.fold_probes.weight.shape == (10, 4)
@@ -66,7 +66,7 @@ def test_averaged_probe_is_mean_of_folds():
 
 def test_every_fold_is_trained_for_binary_labels():
     # The reference trains only one fold of the harmfulness probe; here all K must move.
-    features, probabilities = _logistic_data(200)
+    features, probabilities = _logistic_data(NUM_EXAMPLES, seed=4)
     labels = (probabilities > 0.5).astype(np.float32)
     zeros = LinearProbe(weight=np.zeros((10, 4), np.float32), bias=np.zeros(10, np.float32))
     fit = fit_probe(features, labels, FAST, initial=zeros)
@@ -77,14 +77,13 @@ def test_every_fold_is_trained_for_binary_labels():
 
 
 def test_fold_results_have_one_entry_per_fold():
-    features, probabilities = _logistic_data(100)
-    config = dataclasses.replace(FAST, num_folds=5, max_steps=50)
-    fit = fit_probe(features, probabilities, config)
+    features, probabilities = _logistic_data(NUM_EXAMPLES, seed=5)
+    fit = fit_probe(features, probabilities, FAST)
 
-    assert fit.heldout_loss.shape == (5,)
-    assert fit.heldout_accuracy.shape == (5,)
-    assert fit.steps.shape == (5,)
-    assert np.all(np.asarray(fit.steps) <= 50)
+    assert fit.heldout_loss.shape == (10,)
+    assert fit.heldout_accuracy.shape == (10,)
+    assert fit.steps.shape == (10,)
+    assert np.all(np.asarray(fit.steps) <= FAST.max_steps)
 
 
 def _adamw_transcription(features, labels, train_rows, heldout_rows, config):
