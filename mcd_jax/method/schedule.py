@@ -46,7 +46,8 @@ class SchedulePosition(NamedTuple):
     batch: int
 
 
-@dataclasses.dataclass(frozen=True)
+# eq=False because the generated __eq__ would compare NumPy arrays, which raises.
+@dataclasses.dataclass(frozen=True, eq=False)
 class ScheduleStep:
     """One training step of a schedule.
 
