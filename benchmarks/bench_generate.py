@@ -1,4 +1,4 @@
-"""Decode throughput of mcd-jax generation against transformers' `generate` (PyTorch).
+r"""Decode throughput of mcd-jax generation against transformers' `generate` (PyTorch).
 
 Both sides load the same packaged GGUF, decode greedily from the same chat-formatted
 prompts, and are forced to generate exactly `--new_tokens` tokens per row, so the
