@@ -70,7 +70,12 @@ FLAG_FIELDS: dict[str, tuple[str, str]] = {
         )
     },
     **{f.name: ("schedule", f.name) for f in dataclasses.fields(config_lib.ScheduleConfig)},
-    **{f.name: ("estimation", f.name) for f in dataclasses.fields(config_lib.EstimationConfig)},
+    **{
+        f.name: ("estimation", f.name)
+        for f in dataclasses.fields(config_lib.EstimationConfig)
+        if f.name != "artifacts"
+    },
+    "estimation_artifacts": ("estimation", "artifacts"),
     **{f"mesh_{f.name}": ("mesh", f.name) for f in dataclasses.fields(config_lib.MeshConfig)},
     **{f.name: ("distributed", f.name) for f in dataclasses.fields(config_lib.DistributedConfig)},
     "save_every": ("checkpoint", "save_every"),
@@ -284,6 +289,14 @@ def _define_schedule_flags(fv: flags.FlagValues) -> None:
 
 
 def _define_estimation_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string(
+        "estimation_artifacts",
+        _ESTIMATION.artifacts,
+        "Folder with transform.npz, refusal_probe.npz and harmfulness_probe.npz to train with "
+        "instead of running estimation. Unset: run estimation in --workdir, or reuse its "
+        "artifacts there.",
+        flag_values=fv,
+    )
     flags.DEFINE_integer(
         "label_samples",
         _ESTIMATION.label_samples,
@@ -443,9 +456,10 @@ def _train_languages(values: Mapping[str, Any]) -> tuple[str, ...]:
 
 
 def _section_values(values: Mapping[str, Any], section: str) -> dict[str, Any]:
+    """Map a section's fields to flag values; validators pass only the flags they read."""
     fields = {}
     for flag_name, (flag_section, field) in FLAG_FIELDS.items():
-        if flag_section == section:
+        if flag_section == section and flag_name in values:
             value = values[flag_name]
             fields[field] = tuple(value) if isinstance(value, list) else value
     return fields

@@ -158,12 +158,16 @@ class EstimationConfig:
         label_keep_longest: the longest responses kept per (query, condition) for the label.
         label_max_new_tokens: maximum new tokens per response.
         label_decoding: "sampled" (temperature 1.0, top-p 0.9, top-k 50) or "greedy".
+        artifacts: a folder with a fitted transform and both probes to train with instead of
+            running estimation (file names in `mcd_jax.training.job.ESTIMATION_ARTIFACT_FILES`);
+            None runs or reuses the estimation stage in the work directory.
     """
 
     label_samples: int = 25
     label_keep_longest: int = 20
     label_max_new_tokens: int = 200
     label_decoding: str = "sampled"
+    artifacts: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
