@@ -213,7 +213,7 @@ class EstimationSettings:
 
 @dataclasses.dataclass(frozen=True)
 class EstimationResult:
-    """What the trainer needs from estimation, and what it measured.
+    """The transform and probes that the trainer reads, with the measured anchor states and labels.
 
     Attributes:
         transform: the fitted transform T.
@@ -275,7 +275,7 @@ def run_estimation(
         workdir: the run's work directory; artifacts go to `<workdir>/estimation/`.
         judge: the refusal judge; `KeywordRefusalJudge()` when None.
         mesh: a ("data", "fsdp", "tensor") mesh for states and generation.
-        anchors: the anchor set; when None it is loaded as `config` says.
+        anchors: the anchor set; when None, the one `config` names is loaded.
 
     Returns:
         The transform, the probes, the anchor states and labels, and the summary.
@@ -813,8 +813,8 @@ def _load_artifacts(directory: Path, anchors: tuple[Example, ...]) -> Estimation
         states, compliance = archive["states"], archive["compliance"]
     if states.shape[:2] != compliance.shape or states.shape[1] != len(anchors):
         raise ValueError(
-            f"{directory / STATES_FILE} has states {states.shape} and compliance "
-            f"{compliance.shape} for {len(anchors)} anchors"
+            f"{directory / STATES_FILE} is invalid: states {states.shape} and compliance "
+            f"{compliance.shape} do not fit {len(anchors)} anchors"
         )
     return EstimationResult(
         transform=Transform.load(directory / TRANSFORM_FILE),

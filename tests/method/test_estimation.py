@@ -4,6 +4,7 @@ The stub judges decide by the position of a response in the judged batch, which 
 anchor order, so the expected labels are known whatever the random model writes.
 """
 
+import dataclasses
 import json
 import sys
 from collections.abc import Sequence
@@ -29,6 +30,7 @@ from mcd_jax.method.estimation import (
     TRANSFORM_FILE,
     DegenerateLabelsError,
     EstimationSettings,
+    _longest,
     run_estimation,
 )
 from mcd_jax.method.probes import ProbeTrainingConfig
@@ -186,9 +188,7 @@ def test_estimation_reuses_matching_artifacts(tiny_model, anchor_labels, tmp_pat
 def test_estimation_recomputes_on_changed_setting(tiny_model, anchor_labels, tmp_path):
     run_estimation(tiny_model, SETTINGS, tmp_path, judge=AnchorLabelJudge(anchor_labels))
 
-    changed = EstimationSettings(
-        anchors_per_label=ANCHORS_PER_LABEL, labels=GREEDY, probe=FAST_PROBE, num_components=3
-    )
+    changed = dataclasses.replace(SETTINGS, num_components=3)
     judge = AnchorLabelJudge(anchor_labels)
     result = run_estimation(tiny_model, changed, tmp_path, judge=judge)
 
@@ -211,33 +211,42 @@ def test_estimation_recomputes_missing_artifact(tiny_model, anchor_labels, tmp_p
     assert (tmp_path / ESTIMATION_SUBDIR / TRANSFORM_FILE).is_file()
 
 
-def test_sampled_labels_drop_unjudged_queries(tiny_model, anchor_labels, tmp_path):
-    sampled = EstimationConfig(
-        label_samples=3, label_keep_longest=2, label_max_new_tokens=4, label_decoding="sampled"
-    )
-    settings = EstimationSettings(
-        anchors_per_label=ANCHORS_PER_LABEL, labels=sampled, probe=FAST_PROBE, batch_size=8
-    )
-    judge = AnchorLabelJudge(anchor_labels, samples=2, unjudged_queries={0})
-    result = run_estimation(tiny_model, settings, tmp_path, judge=judge)
+def test_unjudged_queries_are_dropped(tiny_model, anchor_labels, tmp_path):
+    judge = AnchorLabelJudge(anchor_labels, unjudged_queries={0})
+    result = run_estimation(tiny_model, SETTINGS, tmp_path, judge=judge)
     directory = tmp_path / ESTIMATION_SUBDIR
 
     assert np.all(np.isnan(result.compliance[:, 0]))
     assert not np.any(np.isnan(result.compliance[:, 1:]))
-    responses = _read_jsonl(directory / RESPONSES_FILE)
-    assert len(responses) == 4 * 2 * ANCHORS_PER_LABEL * 3
-    first_query = [r for r in responses if r["query_index"] == 0 and r["condition"] == "none"]
-    assert [r["kept"] for r in first_query].count(True) == 2
-    assert all(r["refused"] is None for r in first_query)
-
     summary = json.loads((directory / SUMMARY_FILE).read_text())
     stats = summary["labels"]["none"]["all"]
     assert stats["dropped_queries"] == 1
-    assert stats["unjudged_responses"] == 2
-    assert stats["judged_responses"] == 2 * (2 * ANCHORS_PER_LABEL - 1)
+    assert stats["unjudged_responses"] == 1
+    assert stats["judged_responses"] == 2 * ANCHORS_PER_LABEL - 1
     labels = _read_jsonl(directory / LABELS_FILE)
     assert labels[0]["compliance"] is None
-    assert labels[0]["unjudged"] == 2
+    assert labels[0]["unjudged"] == 1
+    responses = _read_jsonl(directory / RESPONSES_FILE)
+    assert responses[0]["refused"] is None
+    assert responses[0]["reason"] == "stub: unjudged"
+
+
+def test_keep_longest_prefers_earlier_ties():
+    assert _longest([3, 5, 5, 1], keep=2) == [False, True, True, False]
+    assert _longest([4, 4, 4], keep=2) == [True, True, False]
+    assert _longest([2, 7], keep=2) == [True, True]
+
+
+def test_sampled_decoding_uses_reference_filters():
+    labels = EstimationConfig(label_samples=25, label_keep_longest=20, label_max_new_tokens=9)
+    sampling = EstimationSettings(labels=labels, sampling_seed=7).sampling_config((2, 3))
+
+    assert sampling.temperature == 1.0
+    assert sampling.top_p == 0.9
+    assert sampling.top_k == 50
+    assert sampling.seed == 7
+    assert sampling.max_new_tokens == 9
+    assert sampling.stop_token_ids == (2, 3)
 
 
 def test_estimation_rejects_refuse_all(tiny_model, anchor_labels, tmp_path):
