@@ -68,6 +68,13 @@ _TRAINED_LANGUAGES = flags.DEFINE_list(
     "Training languages of the soft prompts, overriding their metadata; marks the other "
     "languages as never trained.",
 )
+_IGNORE_MODEL_SOURCE = flags.DEFINE_bool(
+    "ignore_model_source",
+    False,
+    "Accept a soft prompt whose recorded weight-file sha256 or hub id differs from --model's "
+    "(another copy or quantization of the same model). Architecture, hidden size and chat "
+    "template are checked either way.",
+)
 _DECODING = flags.DEFINE_enum(
     "decoding",
     "greedy",
@@ -116,6 +123,7 @@ def main(argv: list[str]) -> None:
         trained_languages=(
             None if _TRAINED_LANGUAGES.value is None else tuple(_TRAINED_LANGUAGES.value)
         ),
+        check_model_source=not _IGNORE_MODEL_SOURCE.value,
         decoding=_DECODING.value,
         max_new_tokens=_MAX_NEW_TOKENS.value,
         seed=_SEED.value,

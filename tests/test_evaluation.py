@@ -15,14 +15,15 @@ import subprocess
 import sys
 from collections import defaultdict
 from pathlib import Path
+from types import SimpleNamespace
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import transformers
-from safetensors.numpy import save_file
 
+from mcd_jax import export
 from mcd_jax.evaluation import (
     DEFAULT_TEXT_PROMPT,
     RATE_NAMES,
@@ -44,6 +45,7 @@ from mcd_jax.evaluation import (
 from mcd_jax.judge import RefusalJudge, Verdict
 from mcd_jax.models import load_model
 from mcd_jax.training import config as train_config
+from mcd_jax.training.job import write_final_soft_prompt
 
 REPO = Path(__file__).resolve().parents[1]
 LANGUAGES = ["en", "ko", "th"]
@@ -234,8 +236,8 @@ def sampled_report(tiny_loaded, tmp_path_factory):
         top_k=50,
         top_p=0.9,
         min_new_tokens=2,
-        max_new_tokens_harmful=6,
-        max_new_tokens_harmless=4,
+        max_new_tokens_harmful=5,
+        max_new_tokens_harmless=5,
         min_success_lines=2,
         seed=3,
     )
@@ -327,24 +329,9 @@ def test_query_outcome_rules():
 # --- Soft prompt sources and their checks -------------------------------------------------
 
 
-def test_export_folder_and_workdir_load(tiny_loaded, tmp_path):
-    prompt = _soft_prompt(tiny_loaded)
-    export = tmp_path / "export"
-    export.mkdir()
-    save_file({"soft_prompt": prompt}, export / "soft_prompt.safetensors")
-    sidecar = _sidecar(tiny_loaded, placement="prefix", languages=["en"])
-    (export / "soft_prompt.json").write_text(json.dumps(sidecar))
-
-    system = load_soft_prompt_system("DRO", export, tiny_loaded)
-    np.testing.assert_array_equal(system.soft_prompt, prompt)
-    assert system.placement == "prefix"
-    assert system.trained_languages == ("en",)
-
-    workdir = tmp_path / "run"
-    workdir.mkdir()
-    np.save(workdir / "final_soft_prompt.npy", prompt)
-    config = train_config.TrainConfig(
-        model=train_config.ModelSource(ref=str(tmp_path)),
+def _train_config(workdir: Path) -> train_config.TrainConfig:
+    return train_config.TrainConfig(
+        model=train_config.ModelSource(ref=str(workdir)),
         data=train_config.DataConfig(),
         method=train_config.MethodConfig(),
         schedule=train_config.ScheduleConfig(),
@@ -354,12 +341,66 @@ def test_export_folder_and_workdir_load(tiny_loaded, tmp_path):
         checkpoint=train_config.CheckpointConfig(workdir=str(workdir)),
         logging=train_config.LoggingConfig(),
     )
-    train_config.write_resolved_config(config, workdir)
 
-    system = load_soft_prompt_system("MCD", workdir, tiny_loaded)
+
+def test_workdir_soft_prompt_loads(tiny_loaded, tmp_path):
+    prompt = _soft_prompt(tiny_loaded)
+    config = _train_config(tmp_path)
+    train_config.write_resolved_config(config, tmp_path)
+    result = SimpleNamespace(soft_prompt=prompt, step=3, last_metrics={"loss": 0.5})
+    write_final_soft_prompt(tmp_path, result, config, tiny_loaded.source)
+
+    system = load_soft_prompt_system("MCD", tmp_path, tiny_loaded)
+    np.testing.assert_array_equal(system.soft_prompt, prompt)
     assert system.trained_languages == train_config.MCD_LANGUAGES
-    overridden = load_soft_prompt_system("MCD", workdir, tiny_loaded, trained_languages=["da"])
+    assert system.placement == "system_slot"
+    overridden = load_soft_prompt_system("MCD", tmp_path, tiny_loaded, trained_languages=["da"])
     assert overridden.trained_languages == ("da",)
+
+
+def _export(loaded, folder, prompt, **model_changes):
+    description = dataclasses.replace(export.ModelDescription.from_loaded(loaded), **model_changes)
+    metadata = export.ExportMetadata(model=description, placement="prefix", languages=("en",))
+    export.export_soft_prompt(prompt, metadata, folder)
+
+
+def test_export_folder_loads(tiny_loaded, tmp_path):
+    prompt = _soft_prompt(tiny_loaded)
+    _export(tiny_loaded, tmp_path / "export", prompt)
+
+    for path in (tmp_path / "export", tmp_path / "export" / "soft_prompt.safetensors"):
+        system = load_soft_prompt_system("DRO", path, tiny_loaded)
+        np.testing.assert_array_equal(system.soft_prompt, prompt)
+        assert system.placement == "prefix"
+        assert system.trained_languages == ("en",)
+
+
+def test_modified_export_rejected(tiny_loaded, tmp_path):
+    _export(tiny_loaded, tmp_path, _soft_prompt(tiny_loaded))
+    np.save(tmp_path / "soft_prompt.npy", np.zeros((4, 64), np.float32))
+    with pytest.raises(ValueError, match="was modified after export"):
+        load_soft_prompt_system("DRO", tmp_path, tiny_loaded)
+
+
+def test_export_for_other_template_rejected(tiny_loaded, tmp_path):
+    template = tiny_loaded.tokenizer.chat_template + "{# another template #}"
+    _export(tiny_loaded, tmp_path, _soft_prompt(tiny_loaded), chat_template=template)
+    with pytest.raises(IncompatibleSoftPromptError, match="chat_template_sha256: soft prompt"):
+        load_soft_prompt_system("DRO", tmp_path, tiny_loaded)
+
+
+def test_export_for_other_weights_rejected(tiny_loaded, tmp_path):
+    loaded = dataclasses.replace(tiny_loaded, source={**tiny_loaded.source, "sha256": "a" * 64})
+    source = {**tiny_loaded.source, "sha256": "b" * 64}
+    _export(tiny_loaded, tmp_path, _soft_prompt(tiny_loaded), source=source)
+
+    with pytest.raises(
+        IncompatibleSoftPromptError, match="model_sha256: soft prompt 'b+'"
+    ) as error:
+        load_soft_prompt_system("DRO", tmp_path, loaded)
+    assert "--ignore_model_source" in str(error.value)
+    system = load_soft_prompt_system("DRO", tmp_path, loaded, check_model_source=False)
+    assert system.soft_prompt.shape == (4, 64)
 
 
 @pytest.mark.parametrize(
@@ -378,16 +419,6 @@ def test_soft_prompt_for_other_model_rejected(tiny_loaded, tmp_path, field, valu
         load_soft_prompt_system("MCD", tmp_path / "prompt.npy", tiny_loaded)
     recorded_field = "chat_template_sha256" if field == "chat_template" else field
     assert f"{recorded_field}: soft prompt" in str(error.value)
-
-
-def test_soft_prompt_model_hash_mismatch_rejected(tiny_loaded, tmp_path):
-    loaded = dataclasses.replace(tiny_loaded, source={**tiny_loaded.source, "sha256": "a" * 64})
-    np.save(tmp_path / "prompt.npy", _soft_prompt(tiny_loaded))
-    sidecar = _sidecar(tiny_loaded, model={"kind": "gguf", "sha256": "b" * 64})
-    (tmp_path / "prompt.json").write_text(json.dumps(sidecar))
-
-    with pytest.raises(IncompatibleSoftPromptError, match="model_sha256: soft prompt 'b+'"):
-        load_soft_prompt_system("MCD", tmp_path / "prompt.npy", loaded)
 
 
 def test_soft_prompt_width_mismatch_rejected(tiny_loaded, tmp_path):

@@ -51,6 +51,9 @@ class EvaluationConfig:
       limit_per_language: the first N queries of each (language, label); None for all.
       data_dir: the local benchmark folder; None uses $MCD_JAX_DATA_DIR.
       trained_languages: overrides the soft prompts' recorded training languages.
+      check_model_source: reject a soft prompt whose recorded weight sha256 or hub id
+        differs from the model's (architecture, hidden size and chat template are
+        always checked).
       decoding: "greedy" or "sampled" (the reference protocol).
       max_new_tokens: the maximum number of new tokens of greedy decoding.
       seed: the PRNG seed of sampled decoding.
@@ -72,6 +75,7 @@ class EvaluationConfig:
     limit_per_language: int | None = None
     data_dir: str | None = None
     trained_languages: tuple[str, ...] | None = None
+    check_model_source: bool = True
     decoding: str = "greedy"
     max_new_tokens: int = 64
     seed: int = 0

@@ -42,6 +42,7 @@ BUILTIN_SYSTEMS = ("none", "default")
 
 WORKDIR_SOFT_PROMPT = "final_soft_prompt.npy"
 EXPORTED_SOFT_PROMPT = "soft_prompt.safetensors"
+EXPORT_SIDECAR = "soft_prompt.json"
 SAFETENSORS_TENSOR_NAMES = ("soft_prompt", "prompt_embeddings")
 
 # Metadata keys, as dotted paths into the JSON files. A key matches when a flattened
@@ -51,8 +52,14 @@ _METADATA_KEYS = {
     "hidden_size": ("hidden_size", "token_dim", "soft_prompt_shape.1"),
     "model_type": ("model_type", "architecture"),
     "chat_template_sha256": ("chat_template_sha256", "chat_template.sha256", "template_sha256"),
-    "model_sha256": ("model_sha256", "model.sha256", "source.sha256", "base_model.sha256"),
-    "hub_id": ("model.hub_id", "source.hub_id", "base_model.hub_id", "hub_id"),
+    "model_sha256": (
+        "model_sha256",
+        "model.sha256",
+        "source.sha256",
+        "base_model.sha256",
+        "model_source.sha256",
+    ),
+    "hub_id": ("model.hub_id", "source.hub_id", "base_model.hub_id", "model_source.hub_id"),
     "placement": ("placement",),
     "languages": ("train_languages", "training_languages", "languages"),
 }
@@ -135,6 +142,7 @@ def load_soft_prompt_system(
     loaded: LoadedModel,
     *,
     trained_languages: Sequence[str] | None = None,
+    check_model_source: bool = True,
 ) -> EvaluatedSystem:
     """Read a soft prompt and its metadata, and check both against the loaded model.
 
@@ -145,6 +153,9 @@ def load_soft_prompt_system(
         `final_soft_prompt.npy`.
       loaded: the model the soft prompt will be evaluated with.
       trained_languages: overrides the training languages in the metadata.
+      check_model_source: compare the recorded weight-file sha256 and hub id too.
+        Turn it off to evaluate on another copy or quantization of the same model;
+        architecture, hidden size and chat template are compared either way.
 
     Returns:
       The soft-prompt system.
@@ -155,7 +166,7 @@ def load_soft_prompt_system(
       ValueError: the array is not [P, d] with the model's d, or has NaN or inf.
     """
     array, metadata, source = read_soft_prompt(path)
-    check_compatible(name, source, metadata, loaded)
+    check_compatible(name, source, metadata, loaded, check_model_source=check_model_source)
     check_soft_prompt(array, loaded.config.hidden_size)
 
     placement = _metadata_value(metadata, "placement") or "system_slot"
@@ -207,30 +218,37 @@ def _trained_languages(name: str, recorded: Any, override: Sequence[str] | None)
 def read_soft_prompt(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, Any], str]:
     """Read a soft prompt array and the JSON metadata found next to it.
 
-    Metadata files, merged in this order (later files win on equal keys):
-    for a work directory, `config.json`, `fingerprint.json` and
-    `final_soft_prompt.json`; for any file, `<stem>.json` and `<name>.json` beside
-    it. A safetensors file's own header metadata is merged first.
+    An export of `mcd_jax.export` (a folder, or a file in it, with the sidecar
+    `soft_prompt.json`) is read with `mcd_jax.export.load_export`, which also checks
+    the SHA-256 of every exported file; the sidecar is the metadata. Otherwise the
+    metadata files are merged in this order, later files winning on equal keys:
+    for a work directory `config.json`, `fingerprint.json` and `model.json`; a
+    safetensors file's own header; then `<stem>.json` and `<name>.json` beside
+    the file (a work directory's `final_soft_prompt.json`).
 
     Args:
       path: see `load_soft_prompt_system`.
 
     Returns:
-      ([P, d] float32 array, merged metadata, the file read).
+      ([P, d] float32 array, merged metadata, the file or folder read).
 
     Raises:
       FileNotFoundError: nothing at `path`, or a folder without a soft prompt file.
-      ValueError: a file in an unsupported format or without a soft-prompt tensor.
+      ValueError: a file in an unsupported format or without a soft-prompt tensor,
+        or an export whose files were modified (`mcd_jax.export.ExportError`).
     """
     path = Path(path).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"soft prompt path {os.fspath(path)!r} does not exist")
+    folder = path if path.is_dir() else path.parent
+    if _is_export_sidecar(folder / EXPORT_SIDECAR):
+        return _read_export(folder)
 
     metadata: dict[str, Any] = {}
     if path.is_dir():
         file = _soft_prompt_file_in(path)
         if file.name == WORKDIR_SOFT_PROMPT:
-            for name in ("config.json", "fingerprint.json"):
+            for name in ("config.json", "fingerprint.json", "model.json"):
                 metadata.update(_read_json(path / name))
     else:
         file = path
@@ -248,6 +266,20 @@ def read_soft_prompt(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, Any
     for sidecar in (file.with_suffix(".json"), file.with_name(file.name + ".json")):
         metadata.update(_read_json(sidecar))
     return np.asarray(array, np.float32), metadata, os.fspath(file)
+
+
+def _is_export_sidecar(path: Path) -> bool:
+    from mcd_jax.export import METADATA_FORMAT
+
+    return path.is_file() and _read_json(path).get("format") == METADATA_FORMAT
+
+
+def _read_export(folder: Path) -> tuple[np.ndarray, dict[str, Any], str]:
+    from mcd_jax.export import load_export
+
+    exported = load_export(folder)
+    metadata = _read_json(folder / EXPORT_SIDECAR)
+    return np.asarray(exported.soft_prompt, np.float32), metadata, os.fspath(folder)
 
 
 def _soft_prompt_file_in(folder: Path) -> Path:
@@ -332,12 +364,18 @@ def _normalized(field: str, value: Any) -> str:
 
 
 def check_compatible(
-    name: str, source: str, metadata: Mapping[str, Any], loaded: LoadedModel
+    name: str,
+    source: str,
+    metadata: Mapping[str, Any],
+    loaded: LoadedModel,
+    *,
+    check_model_source: bool = True,
 ) -> None:
     """Compare a soft prompt's recorded model properties with the loaded model.
 
     A property missing on either side is not compared; if none can be compared,
-    a warning says so.
+    a warning says so. With `check_model_source=False` only the architecture,
+    hidden size and chat template are compared, not the weights' sha256 or hub id.
 
     Raises:
       IncompatibleSoftPromptError: one or more properties differ; the message
@@ -347,9 +385,10 @@ def check_compatible(
         "hidden_size": loaded.config.hidden_size,
         "model_type": loaded.config.model_type,
         "chat_template_sha256": chat_template_sha256(loaded.tokenizer),
-        "model_sha256": loaded.source.get("sha256"),
-        "hub_id": loaded.source.get("hub_id"),
     }
+    if check_model_source:
+        current["model_sha256"] = loaded.source.get("sha256")
+        current["hub_id"] = loaded.source.get("hub_id")
     compared, differences = 0, []
     for field, value in current.items():
         recorded = _metadata_value(metadata, field)
@@ -360,11 +399,17 @@ def check_compatible(
             differences.append(f"{field}: soft prompt {recorded!r}, model {value!r}")
 
     if differences:
+        hint = ""
+        if all(line.startswith(("model_sha256", "hub_id")) for line in differences):
+            hint = (
+                " If this is another copy or quantization of the same model, pass "
+                "check_model_source=False (--ignore_model_source)."
+            )
         raise IncompatibleSoftPromptError(
             f"soft prompt {name!r} ({source}) was trained for another model or chat template:\n  "
             + "\n  ".join(differences)
             + "\nEvaluate it with the model it was trained for, or pass the soft prompt "
-            "trained for this model."
+            "trained for this model." + hint
         )
     if compared == 0:
         logging.warning(
