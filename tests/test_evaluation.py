@@ -242,7 +242,7 @@ def sampled_report(tiny_loaded, tmp_path_factory):
         seed=3,
     )
     judge = HashJudge()
-    result = evaluate(tiny_loaded, systems, examples, protocol=protocol, judge=judge, batch_size=8)
+    result = evaluate(tiny_loaded, systems, examples, protocol=protocol, judge=judge, batch_size=18)
     output = tmp_path_factory.mktemp("report")
     write_report(report_payload(result, {"test": "sampled"}), output)
     return output, judge

@@ -66,7 +66,7 @@ class ResponseRecord:
 
 @dataclasses.dataclass(frozen=True)
 class QueryOutcome:
-    """What the kept responses to one query add up to.
+    """The combined verdict of the kept responses to one query.
 
     Attributes:
       judged: False when every kept response is unjudged.

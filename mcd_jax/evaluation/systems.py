@@ -2,7 +2,7 @@
 
 A soft prompt is read from a `.npy` file, an exported `soft_prompt.safetensors` with
 its JSON sidecar, or a training work directory (`final_soft_prompt.npy` with the
-run's JSON files). Its metadata says which model it was trained for, and a soft
+run's JSON files). Its metadata records which model it was trained for. A soft
 prompt trained for another model produces fluent-looking nonsense rather than an
 error, so every recorded property is checked against the loaded model before any
 generation: hidden size, architecture, chat template sha256, and the weight file's
@@ -24,18 +24,9 @@ from absl import logging
 
 from mcd_jax.chat import PLACEMENTS
 from mcd_jax.data.languages import canonical_language
+from mcd_jax.method.estimation import DEFAULT_TEXT_PROMPT
 from mcd_jax.models.loading import LoadedModel
 from mcd_jax.soft_prompt import check_soft_prompt
-
-# Llama-2-chat's default system prompt, which DRO and MCD use as the text prompt.
-DEFAULT_TEXT_PROMPT = (
-    "You are a helpful, respectful and honest assistant. Always answer as helpfully as "
-    "possible, while being safe. Your answers should not include any harmful, unethical, "
-    "racist, sexist, toxic, dangerous, or illegal content. Please ensure that your responses "
-    "are socially unbiased and positive in nature.\n\nIf a question does not make any sense, "
-    "or is not factually coherent, explain why instead of answering something not correct. "
-    "If you don't know the answer to a question, please don't share false information."
-)
 
 BUILTIN_SYSTEMS = ("none", "default")
 """Names of the systems without a soft prompt: no system prompt, and `DEFAULT_TEXT_PROMPT`."""
@@ -66,7 +57,7 @@ _METADATA_KEYS = {
 
 
 class IncompatibleSoftPromptError(ValueError):
-    """A soft prompt's metadata says it was trained for a different model or template."""
+    """A soft prompt's metadata records a different model or chat template than the loaded one."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,9 +209,9 @@ def _trained_languages(name: str, recorded: Any, override: Sequence[str] | None)
 def read_soft_prompt(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, Any], str]:
     """Read a soft prompt array and the JSON metadata found next to it.
 
-    An export of `mcd_jax.export` (a folder, or a file in it, with the sidecar
-    `soft_prompt.json`) is read with `mcd_jax.export.load_export`, which also checks
-    the SHA-256 of every exported file; the sidecar is the metadata. Otherwise the
+    An export of `mcd_jax.export` is a folder with the sidecar `soft_prompt.json`.
+    It is read with `mcd_jax.export.load_export`, which also checks the SHA-256 of
+    every exported file, and the sidecar is the metadata. Otherwise the
     metadata files are merged in this order, later files winning on equal keys:
     for a work directory `config.json`, `fingerprint.json` and `model.json`; a
     safetensors file's own header; then `<stem>.json` and `<name>.json` beside
@@ -303,7 +294,7 @@ def _read_json(path: Path) -> dict[str, Any]:
         ) from error
     if not isinstance(payload, dict):
         raise ValueError(
-            f"soft prompt metadata {os.fspath(path)!r} holds a {type(payload).__name__}; "
+            f"soft prompt metadata {os.fspath(path)!r} contains a {type(payload).__name__}; "
             "expected a JSON object"
         )
     return payload
@@ -373,8 +364,8 @@ def check_compatible(
 ) -> None:
     """Compare a soft prompt's recorded model properties with the loaded model.
 
-    A property missing on either side is not compared; if none can be compared,
-    a warning says so. With `check_model_source=False` only the architecture,
+    A property missing on either side is not compared, and a warning is logged when
+    none can be compared. With `check_model_source=False` only the architecture,
     hidden size and chat template are compared, not the weights' sha256 or hub id.
 
     Raises:
