@@ -440,6 +440,17 @@ def test_unknown_benchmark_rejected():
         load_evaluation_examples(["advbenchh"])
 
 
+def test_benchmark_and_builtin_concatenated(shared_data):
+    examples = load_evaluation_examples(
+        ["advbench", "builtin"], languages=["en"], limit_per_language=3, data_dir=shared_data
+    )
+    harmful = [example for example in examples if example.label == "harmful"]
+    harmless = [example for example in examples if example.label == "harmless"]
+    assert [example.source for example in harmful] == ["advbench"] * 3
+    assert len(harmless) == 3
+    assert {example.language for example in examples} == {"en"}
+
+
 def test_language_without_queries_rejected():
     with pytest.raises(ValueError, match=r"no queries in the languages \['ja'\]"):
         load_evaluation_examples(["builtin"], languages=["en", "ja"])
