@@ -4,7 +4,7 @@ A soft prompt works only with the embeddings and the chat template of the model 
 for, so every export carries a description of that model, and export and load both check it.
 An export folder contains:
 
-    soft_prompt.safetensors     tensor "soft_prompt", float32 [P, d]
+    soft_prompt.safetensors     tensor "soft_prompt", float32 [P, d]; metadata key "mcd_jax"
     soft_prompt.npy             the same array, for prompt-tuning code that reads NumPy
     peft_adapter/               prefix placement only: a PEFT prompt-tuning adapter
         adapter_model.safetensors   tensor "prompt_embeddings", float32 [P, d]
@@ -45,6 +45,9 @@ import mcd_jax
 
 SOFT_PROMPT_FILE = "soft_prompt.safetensors"
 SOFT_PROMPT_TENSOR = "soft_prompt"
+# The one metadata key of soft_prompt.safetensors: a JSON string with the placement, the
+# architecture, the chat template's SHA-256 and the base model.
+SAFETENSORS_METADATA_KEY = "mcd_jax"
 NUMPY_FILE = "soft_prompt.npy"
 METADATA_FILE = "soft_prompt.json"
 PEFT_DIR = "peft_adapter"
@@ -487,16 +490,20 @@ def _render_files(
 
 
 def _safetensors_metadata(metadata: ExportMetadata) -> dict[str, str]:
-    """Return the string header of soft_prompt.safetensors, so the file describes itself."""
+    """Return the string header of soft_prompt.safetensors, so the file describes itself.
+
+    Note: safetensors 0.8 writes the metadata keys in a random order, so one key keeps the file
+    bytes, and with them the identical-re-export check, deterministic.
+    """
     source = metadata.model.source
-    return {
-        "format": "pt",
-        "mcd_jax.placement": metadata.placement,
-        "mcd_jax.model_type": metadata.model.model_type,
-        "mcd_jax.hidden_size": str(metadata.model.hidden_size),
-        "mcd_jax.chat_template_sha256": metadata.model.chat_template_sha256,
-        "mcd_jax.base_model": str(source.get("hub_id") or source.get("path")),
+    header = {
+        "placement": metadata.placement,
+        "model_type": metadata.model.model_type,
+        "hidden_size": metadata.model.hidden_size,
+        "chat_template_sha256": metadata.model.chat_template_sha256,
+        "base_model": source.get("hub_id") or source.get("path"),
     }
+    return {SAFETENSORS_METADATA_KEY: json.dumps(header, sort_keys=True)}
 
 
 def _sidecar(
