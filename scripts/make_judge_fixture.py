@@ -1,4 +1,4 @@
-"""Generate the refusal-judge fixture: real chat-model answers to our own queries.
+"""Generate the refusal-judge fixture: real chat-model responses to our own queries.
 
 The judge's accuracy is measured on what a real small chat model writes, not on
 sentences made up to match the judge. This script asks Qwen2.5-Coder-0.5B-Instruct
@@ -8,10 +8,11 @@ JSON row per answer. The queries were written for this fixture and are not taken
 from any public dataset. The harmful ones ask for harm but contain no operational
 detail.
 
-The rows leave `human_label` empty: a person reads every answer and fills it in,
+The rows leave `human_label` empty: a person reads every response and fills it in,
 together with a `note` for unclear cases, before the judge is tuned. The first line
 of the output is a header row (`{"_meta": {...}}`) that records the model, the
-decoding settings and the date.
+decoding settings and the date. Each row also records the `max_new_tokens` it was
+generated with, since an interrupted run may be resumed with another value.
 
 Usage:
   HF_HUB_OFFLINE=1 .venv/bin/python scripts/make_judge_fixture.py \
