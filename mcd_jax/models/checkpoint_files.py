@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+from absl import logging
 from safetensors import SafetensorError, safe_open
 
 from mcd_jax.models.key_map import gguf_name_to_hf
@@ -125,6 +126,14 @@ class GGUFCheckpoint:
             hf_key = gguf_name_to_hf(tensor.name)
             self._tensors[hf_key if hf_key is not None else tensor.name] = tensor
         self._gguf = gguf
+        if "rope_freqs.weight" in self._tensors:
+            # NOTE: transformers 5.25 also ignores these factors when it reads a GGUF config,
+            # so both give default RoPE where the original Llama 3.1 scales low frequencies.
+            logging.warning(
+                "%s has Llama 3.1 RoPE frequency factors (rope_freqs.weight), which are not "
+                "applied; load the original safetensors checkpoint for exact Llama 3.1 RoPE.",
+                path,
+            )
 
     def set_model_type(self, model_type: str) -> None:
         """Record the architecture, which decides whether q/k rows need unpermuting."""

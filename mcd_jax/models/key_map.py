@@ -141,9 +141,12 @@ WEIGHT_MAPPINGS: tuple[WeightMapping, ...] = (
                   present=lambda c: c.mlp_bias),
 )  # fmt: skip
 
-# Checkpoint keys that carry no parameter and are skipped: RoPE buffers saved by old
-# transformers versions.
-IGNORED_KEY_PATTERN = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
+# Checkpoint keys that carry no parameter and are skipped, because the RoPE frequencies
+# are computed from the config: buffers saved by old transformers versions, and the
+# Llama 3.1 frequency factors that llama.cpp stores in GGUF files as `rope_freqs.weight`.
+IGNORED_KEY_PATTERN = re.compile(
+    r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq|rope_freqs\.weight"
+)
 
 # llama.cpp tensor names (the `{layer}` part is `blk.N`) -> Hugging Face keys.
 GGUF_TO_HF: dict[str, str] = {

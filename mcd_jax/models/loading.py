@@ -1,9 +1,9 @@
 """Load a chat model, its tokenizer and its config from a folder, the hub or a GGUF file.
 
-Weights go tensor by tensor from the memory-mapped checkpoint into their final placement
-(`jax.make_array_from_callback` with each parameter's sharding), so the host never keeps
-a second full copy of the model in memory. Every mismatch between the checkpoint and
-`config.json` is reported before any weight is read.
+Weights go tensor by tensor from the memory-mapped checkpoint into their final placement.
+Each parameter's shards are built on the host and put on their devices before the next
+parameter is read, so the host never keeps a second full copy of the model in memory. Every mismatch
+between the checkpoint and `config.json` is reported before any weight is read.
 """
 
 from __future__ import annotations
@@ -295,15 +295,17 @@ def _listing(keys: list[str]) -> str:
 def _materialize(
     mapping: WeightMapping, variable: nnx.Variable, sharding, read, config: ModelConfig
 ) -> jax.Array:
-    """Build one parameter on `sharding`, reading only the tensors each shard needs."""
+    """Build one parameter on `sharding`, reading only the tensors each shard needs.
+
+    Devices that hold the same shard (replicas) share one host block, so the host holds
+    at most one full copy of this parameter at a time.
+    """
     shape, dtype = variable.shape, np.dtype(variable.dtype)
 
     def per_layer_block(index: tuple[slice, ...]) -> np.ndarray:
         layers = range(config.num_layers)[index[0]]
-        block = np.empty(
-            (len(layers), *[len(range(n)[s]) for n, s in zip(shape[1:], index[1:], strict=True)]),
-            dtype,
-        )
+        block_shape = [len(range(n)[s]) for n, s in zip(shape[1:], index[1:], strict=True)]
+        block = np.empty((len(layers), *block_shape), dtype)
         for position, layer in enumerate(layers):
             tensor = read(mapping.hf_key.format(layer=layer))
             block[position] = mapping.to_param(tensor, config)[index[1:]]
@@ -312,5 +314,13 @@ def _materialize(
     def whole_block(index: tuple[slice, ...]) -> np.ndarray:
         return np.asarray(mapping.to_param(read(mapping.hf_key), config)[index], dtype)
 
-    callback = per_layer_block if mapping.per_layer else whole_block
-    return jax.make_array_from_callback(shape, sharding, callback)
+    make_block = per_layer_block if mapping.per_layer else whole_block
+    blocks: dict[tuple, np.ndarray] = {}
+    shards = []
+    for device, index in sharding.addressable_devices_indices_map(shape).items():
+        index = tuple(slice(*s.indices(n)) for s, n in zip(index, shape, strict=True))
+        block_key = tuple((s.start, s.stop, s.step) for s in index)
+        if block_key not in blocks:
+            blocks[block_key] = make_block(index)
+        shards.append(jax.device_put(blocks[block_key], device))
+    return jax.make_array_from_single_device_arrays(shape, sharding, shards)

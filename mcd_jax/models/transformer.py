@@ -334,6 +334,19 @@ def _key_mask(
     return attention_mask.astype(jnp.bool_)
 
 
+def _precision(dtype: Any) -> jax.lax.Precision:
+    """Ask for full float32 products when the weights are float32.
+
+    GPUs (TF32) and TPUs (one bfloat16 pass) otherwise round float32 matmul inputs by
+    default, which would break float32 parity with PyTorch. bfloat16 inputs are exact in
+    one pass, so they keep the default.
+    """
+    # NOTE: only the CPU backend has been run here, where both settings give float32.
+    if jnp.dtype(dtype) == jnp.float32:
+        return jax.lax.Precision.HIGHEST
+    return jax.lax.Precision.DEFAULT
+
+
 def _matmul(x: jax.Array, weight: jax.Array, dtype: Any) -> jax.Array:
     """Contract the last axis of `x` with the first of `weight`, accumulating in float32.
 
@@ -342,7 +355,11 @@ def _matmul(x: jax.Array, weight: jax.Array, dtype: Any) -> jax.Array:
     at 50. So bfloat16 weights take bfloat16 inputs and `preferred_element_type=float32`.
     """
     return jnp.tensordot(
-        x.astype(dtype), weight, axes=((x.ndim - 1,), (0,)), preferred_element_type=jnp.float32
+        x.astype(dtype),
+        weight,
+        axes=((x.ndim - 1,), (0,)),
+        precision=_precision(dtype),
+        preferred_element_type=jnp.float32,
     )
 
 
@@ -361,7 +378,7 @@ def _rope_tables(position_ids: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Arr
 
 
 def _apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotate [batch, seq, heads, head_dim] by RoPE; the two halves pair up."""
+    """Rotate [batch, seq, heads, head_dim] by RoPE, pairing dimension i with i + head_dim / 2."""
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
     return x * cos + rotated * sin
@@ -369,7 +386,13 @@ def _apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 def _project_heads(x: jax.Array, weight: jax.Array, bias: jax.Array | None, dtype: Any):
     """[batch, seq, d] x [d, heads, head_dim] -> [batch, seq, heads, head_dim] float32."""
-    out = jnp.einsum("bsd,dnh->bsnh", x.astype(dtype), weight, preferred_element_type=jnp.float32)
+    out = jnp.einsum(
+        "bsd,dnh->bsnh",
+        x.astype(dtype),
+        weight,
+        precision=_precision(dtype),
+        preferred_element_type=jnp.float32,
+    )
     return out if bias is None else out + bias
 
 
@@ -395,6 +418,7 @@ def _attention(
         "bskgh,btkh->bkgst",
         query.astype(dtype),
         keys.astype(dtype),
+        precision=_precision(dtype),
         preferred_element_type=jnp.float32,
     ) * (head_dim**-0.5)
 
@@ -404,7 +428,7 @@ def _attention(
     probs = jax.nn.softmax(scores, axis=-1)
     out = jnp.einsum(
         "bkgst,btkh->bskgh", probs.astype(dtype), values.astype(dtype),
-        preferred_element_type=jnp.float32,
+        precision=_precision(dtype), preferred_element_type=jnp.float32,
     )  # fmt: skip
     return out.reshape(batch, seq, heads, head_dim)
 
@@ -440,7 +464,7 @@ def _decoder_layer(
     attended = _attention(query, keys, values, mask, dtype)
     attn_out = jnp.einsum(
         "bsnh,nhd->bsd", attended.astype(dtype), params["o_proj"],
-        preferred_element_type=jnp.float32,
+        precision=_precision(dtype), preferred_element_type=jnp.float32,
     )  # fmt: skip
     if "o_bias" in params:
         attn_out = attn_out + params["o_bias"]
