@@ -108,7 +108,7 @@ def test_make_mesh_rejects_wrong_device_count():
         make_mesh(data=3, fsdp=1, tensor=2)
 
 
-def test_folder_copy_keeps_working(tmp_path):
+def test_model_outlives_checkpoint_folder(tmp_path):
     """A loaded model does not depend on the checkpoint files staying on disk."""
     torch_model = make_torch_model("llama_tied_mha")
     torch_model.save_pretrained(tmp_path / "model")

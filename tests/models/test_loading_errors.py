@@ -113,6 +113,14 @@ def test_truncated_safetensors(model_copy):
         load_model(model_copy)
 
 
+def test_corrupt_safetensors_header(model_copy):
+    (model_copy / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json" * 4)
+
+    expected = r"model.safetensors is not a readable safetensors file .*truncated or corrupt"
+    with pytest.raises(CheckpointError, match=expected):
+        load_model(model_copy)
+
+
 def test_index_names_missing_shard(tmp_path):
     make_torch_model("llama_untied_gqa").save_pretrained(tmp_path, max_shard_size="20KB")
     shard = sorted(tmp_path.glob("model-*.safetensors"))[-1]
