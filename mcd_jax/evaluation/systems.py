@@ -139,9 +139,9 @@ def load_soft_prompt_system(
 
     Args:
       name: the display name, e.g. "MCD".
-      path: a `.npy` file, a `.safetensors` file, an export folder containing
-        `soft_prompt.safetensors`, or a training work directory containing
-        `final_soft_prompt.npy`.
+      path: a `.npy` file, a `.safetensors` file, an export folder of
+        `mcd_jax.export` (with `soft_prompt.json`), or a training work directory
+        containing `final_soft_prompt.npy`.
       loaded: the model the soft prompt will be evaluated with.
       trained_languages: overrides the training languages in the metadata.
       check_model_source: compare the recorded weight-file sha256 and hub id too.
