@@ -38,6 +38,7 @@ from mcd_jax.data import (
     BENCHMARKS,
     HARMFUL,
     HARMLESS,
+    ColumnMap,
     Example,
     load_benchmark,
     load_builtin,
@@ -181,7 +182,7 @@ class EstimationSettings:
             dataset=config.data.dataset,
             languages=tuple(config.data.anchor_languages),
             num_components=config.method.num_components,
-            labels=config.estimation,
+            labels=dataclasses.replace(config.estimation, artifacts=None),
             sampling_seed=config.schedule.seed,
             probe=dataclasses.replace(ProbeTrainingConfig(), num_folds=config.method.probe_folds),
             batch_size=batch_size,
@@ -208,7 +209,14 @@ class EstimationSettings:
         """Return the settings that change the artifacts, as JSON-compatible values."""
         record = dataclasses.asdict(self)
         del record["batch_size"]
+        # A folder of precomputed artifacts replaces this stage, so it is not one of its inputs.
+        record["labels"].pop("artifacts", None)
         return _json_values(record)
+
+
+def settings_from_config(config: TrainConfig, batch_size: int = 16) -> EstimationSettings:
+    """Return `EstimationSettings.from_train_config(config, batch_size)`."""
+    return EstimationSettings.from_train_config(config, batch_size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -373,16 +381,24 @@ def load_anchors(config: EstimationSettings) -> list[Example]:
         set, only the first that many of each label.
 
     Raises:
-        ValueError: the dataset is neither "builtin", a benchmark name nor a file.
+        FileNotFoundError: the dataset is neither "builtin", a benchmark name nor a file.
     """
     if config.dataset == "builtin":
         examples = load_builtin(config.split, languages=config.languages)
     elif config.dataset in BENCHMARKS:
         examples = load_benchmark(config.dataset, split=config.split, languages=config.languages)
-    elif Path(config.dataset).is_file():
-        examples = load_file(config.dataset, languages=config.languages, splits=[config.split])
+    elif Path(config.dataset).expanduser().is_file():
+        columns = ColumnMap(
+            text="text", language="language", label="label", pair_id="pair_id", split="split"
+        )
+        examples = load_file(
+            Path(config.dataset).expanduser(),
+            columns,
+            languages=config.languages,
+            splits=[config.split],
+        )
     else:
-        raise ValueError(
+        raise FileNotFoundError(
             f"anchor dataset {config.dataset!r} is not 'builtin', a benchmark name "
             f"({', '.join(sorted(BENCHMARKS))}) or an existing file"
         )

@@ -31,6 +31,7 @@ from mcd_jax.method.estimation import (
     DegenerateLabelsError,
     EstimationSettings,
     _longest,
+    load_anchors,
     run_estimation,
 )
 from mcd_jax.method.probes import ProbeTrainingConfig
@@ -273,9 +274,11 @@ def test_settings_reject_greedy_with_samples():
 def test_smollm2_refusing_none_raises(tmp_path):
     loaded = load_model("packaged:smollm2-135m-instruct", dtype=jnp.float32)
     labels = EstimationConfig(
-        label_samples=1, label_keep_longest=1, label_max_new_tokens=12, label_decoding="greedy"
+        label_samples=1, label_keep_longest=1, label_max_new_tokens=8, label_decoding="greedy"
     )
-    settings = EstimationSettings(anchors_per_label=2, labels=labels, probe=FAST_PROBE)
+    settings = EstimationSettings(
+        anchors_per_label=2, labels=labels, probe=FAST_PROBE, batch_size=4
+    )
 
     with pytest.raises(DegenerateLabelsError) as error:
         run_estimation(loaded, settings, tmp_path, judge=KeywordRefusalJudge())
@@ -286,3 +289,25 @@ def test_smollm2_refusing_none_raises(tmp_path):
     assert "sha256=" in message
     assert "2 harmful and 2 harmless" in message
     assert "none: 0 refused of 4 judged responses" in message
+
+
+def test_anchors_load_from_file(tmp_path):
+    path = tmp_path / "anchors.jsonl"
+    rows = [
+        {"text": text, "language": "en", "label": label, "pair_id": f"p{i}", "split": "train"}
+        for i, (text, label) in enumerate(
+            [("Query one?", "harmful"), ("Query two?", "harmless"), ("Query three?", "harmful")]
+        )
+    ]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+    anchors = load_anchors(EstimationSettings(dataset=str(path), anchors_per_label=1))
+
+    assert [a.text for a in anchors] == ["Query one?", "Query two?"]
+    assert [a.label for a in anchors] == ["harmful", "harmless"]
+
+
+def test_anchors_unknown_dataset_raises(tmp_path):
+    missing = tmp_path / "missing.jsonl"
+    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+        load_anchors(EstimationSettings(dataset=str(missing)))
