@@ -1,4 +1,4 @@
-"""Compare refusal and false-refusal rates per language for several systems of one chat model.
+r"""Compare refusal and false-refusal rates per language for several systems of one chat model.
 
 Example, the demo model with no system prompt, the default text prompt and a trained
 soft prompt on the built-in test split:
@@ -40,7 +40,7 @@ _SYSTEMS = flags.DEFINE_multi_enum(
     list(BUILTIN_SYSTEMS),
     list(BUILTIN_SYSTEMS),
     "Systems without a soft prompt: none (empty system slot) and default (the default text "
-    "prompt). Repeat the flag for several.",
+    "prompt).",
 )
 _NO_BASELINES = flags.DEFINE_bool(
     "no_baselines", False, "Evaluate only the soft prompts, without the --systems baselines."
