@@ -61,7 +61,7 @@ PLACEMENTS = ("system_slot", "prefix")
 METADATA_FORMAT = "mcd-jax-soft-prompt"
 METADATA_VERSION = 1
 
-# File names of the trainer's results in the work directory.
+# File names of the trainer's results in the work directory (`mcd_jax.training.job`).
 FINAL_SOFT_PROMPT_FILE = "final_soft_prompt.npy"
 FINAL_SUMMARY_FILE = "final_soft_prompt.json"
 MODEL_RECORD_FILE = "model.json"
@@ -567,8 +567,9 @@ def _check_output_folder(folder: Path, contents: dict[str, bytes], overwrite: bo
         return all((folder / name).is_file() for name in contents)
     if not overwrite:
         raise ExportConflictError(
-            f"{folder} already contains a different soft prompt export (differing files: "
-            f"{sorted(differing + stale)}). Choose another output folder, or pass --overwrite "
+            f"{folder} already contains a different soft prompt export (files with other "
+            f"content: {sorted(differing)}; files of the earlier export that this one does not "
+            f"write: {sorted(stale)}). Choose another output folder, or pass --overwrite "
             "(overwrite=True) to replace it."
         )
     logging.warning("Overwriting the different export in %s (files %s)", folder, differing)
@@ -690,10 +691,13 @@ class TrainedSoftPrompt:
       config: the run's resolved `mcd_jax.training.config.TrainConfig`.
       origin: "final" for the trainer's final soft prompt, or "checkpoint" for the newest
         checkpoint of a run that did not finish.
-      step: the checkpoint's step, or the step the final summary records (None if absent).
-      metrics: the final summary, or the last metrics line up to the checkpoint's step.
+      step: the checkpoint's step, or the "steps" of the final summary (None if absent).
+      metrics: the "final_metrics" of the final summary, or the last metrics line up to the
+        checkpoint's step.
       model: the model description recorded at training time, or None when the work
         directory has no model record.
+      trained_source: the weights' source record at training time: the model record's, else
+        the "model_source" of the final summary, else None.
     """
 
     soft_prompt: np.ndarray
@@ -702,6 +706,7 @@ class TrainedSoftPrompt:
     step: int | None
     metrics: Mapping[str, Any]
     model: ModelDescription | None
+    trained_source: Mapping[str, Any] | None
 
 
 def write_model_record(workdir: str | os.PathLike[str], description: ModelDescription) -> Path:
@@ -749,9 +754,11 @@ def read_trained_soft_prompt(workdir: str | os.PathLike[str]) -> TrainedSoftProm
     if final.is_file():
         soft_prompt = np.load(final, allow_pickle=False)
         summary = _read_json(workdir / FINAL_SUMMARY_FILE) or {}
-        step = summary.get("step") if isinstance(summary.get("step"), int) else None
+        step = summary.get("steps") if isinstance(summary.get("steps"), int) else None
+        metrics = summary.get("final_metrics") or {}
+        trained_source = model.source if model else summary.get("model_source")
         logging.info("Read the final soft prompt %s from %s", soft_prompt.shape, final)
-        return TrainedSoftPrompt(soft_prompt, config, "final", step, summary, model)
+        return TrainedSoftPrompt(soft_prompt, config, "final", step, metrics, model, trained_source)
 
     step, soft_prompt = _restore_newest_checkpoint(workdir)
     logging.warning(
@@ -761,7 +768,10 @@ def read_trained_soft_prompt(workdir: str | os.PathLike[str]) -> TrainedSoftProm
         step,
     )
     metrics = _last_metrics_line(workdir, step)
-    return TrainedSoftPrompt(soft_prompt, config, "checkpoint", step, metrics, model)
+    trained_source = model.source if model else None
+    return TrainedSoftPrompt(
+        soft_prompt, config, "checkpoint", step, metrics, model, trained_source
+    )
 
 
 def export_workdir(
@@ -1024,6 +1034,6 @@ def _training_record(config: Any, trained: TrainedSoftPrompt) -> dict[str, Any]:
     record: dict[str, Any] = {name: payload[name] for name in _TRAINING_SECTIONS}
     record["soft_prompt_origin"] = trained.origin
     record["step"] = trained.step
-    if trained.model is not None:
-        record["trained_model_source"] = dict(trained.model.source)
+    if trained.trained_source is not None:
+        record["trained_model_source"] = dict(trained.trained_source)
     return record
