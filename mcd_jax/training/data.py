@@ -128,7 +128,8 @@ def load_training_set(dataset: str, languages: Sequence[str]) -> ParallelTrainin
 
     Args:
         dataset: "builtin" (the project's own parallel set), a benchmark registry name, or a
-            path to a file in the example schema (text, language, label, pair_id, ...).
+            JSON Lines, CSV or parquet file with the columns text, language, label, pair_id
+            and split, whose "train" rows are used.
         languages: Training language codes.
 
     Returns:
@@ -138,7 +139,7 @@ def load_training_set(dataset: str, languages: Sequence[str]) -> ParallelTrainin
         ValueError: If the data is not parallel over `languages` (see `parallel_training_set`).
         FileNotFoundError: If `dataset` is neither a known name nor an existing file.
     """
-    from mcd_jax.data.loaders import load_builtin, load_file
+    from mcd_jax.data.loaders import ColumnMap, load_builtin, load_file
     from mcd_jax.data.registry import BENCHMARKS, load_benchmark
 
     if dataset == "builtin":
@@ -146,7 +147,12 @@ def load_training_set(dataset: str, languages: Sequence[str]) -> ParallelTrainin
     elif dataset in BENCHMARKS:
         examples = load_benchmark(dataset, split="train", languages=languages)
     elif Path(dataset).expanduser().is_file():
-        examples = load_file(Path(dataset).expanduser(), languages=languages)
+        columns = ColumnMap(
+            text="text", language="language", label="label", pair_id="pair_id", split="split"
+        )
+        examples = load_file(
+            Path(dataset).expanduser(), columns, languages=languages, splits=["train"]
+        )
     else:
         raise FileNotFoundError(
             f"--dataset={dataset!r} is not 'builtin', a registered benchmark "
