@@ -31,6 +31,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh
 
+from mcd_jax.method import estimation as estimation
 from mcd_jax.training.config import (
     DistributedConfig,
     MeshConfig,
@@ -41,11 +42,12 @@ from mcd_jax.training.config import (
 
 FINAL_SOFT_PROMPT_FILE = "final_soft_prompt.npy"
 FINAL_SUMMARY_FILE = "final_soft_prompt.json"
-# Files that `--estimation_artifacts` reads from its folder.
+# Files that `--estimation_artifacts` reads from its folder: the names the estimation stage
+# writes, so `<workdir>/estimation` of an earlier run works.
 ESTIMATION_ARTIFACT_FILES = {
-    "transform": "transform.npz",
-    "refusal_probe": "refusal_probe.npz",
-    "harmfulness_probe": "harmfulness_probe.npz",
+    "transform": estimation.TRANSFORM_FILE,
+    "refusal_probe": estimation.REFUSAL_PROBE_FILE,
+    "harmfulness_probe": estimation.HARMFULNESS_PROBE_FILE,
 }
 _DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
 # Environment variables that mark a multi-host TPU slice or SLURM job, where
@@ -194,7 +196,6 @@ def load_estimation_artifacts(folder: str | os.PathLike[str]):
 
 def run_estimation_stage(loaded: Any, config: TrainConfig, mesh: Mesh | None):
     """Run (or reuse) the estimation stage in the work directory; return its `MethodArrays`."""
-    from mcd_jax.method import estimation
     from mcd_jax.training.step import MethodArrays
 
     result = estimation.run_estimation(

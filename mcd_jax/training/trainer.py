@@ -346,7 +346,8 @@ class _Loop:
             }
             metrics.write(state.step, scalars, language=step.language)
 
-            checkpoints.save(_snapshot(state))
+            if state.step % self.config.checkpoint.save_every == 0:
+                checkpoints.save(_snapshot(state))
             if preemption.should_stop(state.step):
                 checkpoints.save(_snapshot(state), force=True, reason="preemption")
                 return state, last, True
