@@ -169,6 +169,7 @@ class GGUFCheckpoint:
         """
         tensor = self._tensors[key]
         quant = self._gguf.GGMLQuantizationType
+        # gguf 0.19 lists the types it can dequantize only in the private `_type_traits`.
         supported = set(self._gguf.quants._type_traits) | {quant.F32, quant.F16, quant.BF16}
         if tensor.tensor_type not in supported:
             names = ", ".join(sorted(t.name for t in supported))
