@@ -818,6 +818,7 @@ def export_workdir(
             MODEL_RECORD_FILE,
             _model_name(target),
         )
+    _warn_if_other_weights(trained.trained_source, target.source)
 
     metadata = ExportMetadata(
         model=target,
@@ -837,6 +838,24 @@ def export_workdir(
         overwrite=overwrite,
         trained_for=trained_for,
     )
+
+
+def _warn_if_other_weights(
+    trained_source: Mapping[str, Any] | None, target_source: Mapping[str, Any]
+) -> None:
+    """Log a warning when the file hash or hub revision of the weights changed since training."""
+    if trained_source is None:
+        return
+    for key in ("sha256", "revision"):
+        before, now = trained_source.get(key), target_source.get(key)
+        if before is not None and now is not None and before != now:
+            logging.warning(
+                "The target model's %s is %s, but the run trained with %s; the weights may "
+                "differ from those the soft prompt was trained with",
+                key,
+                now,
+                before,
+            )
 
 
 def describe_model(ref: str, *, revision: str | None = None) -> ModelDescription:
