@@ -1,12 +1,14 @@
 """Two processes on 127.0.0.1 train the soft prompt to the same result as one process.
 
-The test writes a tiny random Llama model and a small two-language run to disk. It then
-starts multihost_worker.py three times: once alone with 4 local CPU devices, and as the two
-processes of one `jax.distributed` run with 2 local CPU devices each, joined over gloo on
-the loopback interface.
-Both runs use the same ("data", "fsdp", "tensor") = (1, 2, 2) mesh, so in the two-process
-run the fsdp axis, and with it the batch and the weights' model dimension, spans the
-processes.
+Each comparison starts multihost_worker.py as one process with 4 local CPU devices, and as
+the two processes of one `jax.distributed` run with 2 local CPU devices each, joined over
+gloo on the loopback interface. Both use the ("data", "fsdp", "tensor") = (1, 2, 2) mesh, so
+in the two-process run the fsdp axis, and with it the batch and the weights' model
+dimension, spans the processes.
+
+- The step tests run `TrainStep` on a tiny random Llama model and arrays written to disk.
+- The job test runs `launch/train.py` with configs/tiny_test.cfg on a tiny model with the
+  SmolLM2 tokenizer, the built-in training data and fixed estimation artifacts.
 """
 
 from __future__ import annotations
@@ -26,6 +28,13 @@ from mcd_jax.method.probes import LinearProbe
 from mcd_jax.method.transform import Transform
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "models"))
+sys.path.insert(0, str(Path(__file__).parent))
+from test_step_support import (  # noqa: E402
+    TINY_CONFIG,
+    build_tiny_model_folder,
+    write_estimation_artifacts,
+    write_small_dataset,
+)
 from tiny_models import make_torch_model  # noqa: E402
 
 WORKER = Path(__file__).with_name("multihost_worker.py")
@@ -37,15 +46,18 @@ NUM_COMPONENTS = 4
 BATCH_SIZE = 8
 NUM_STEPS = 4
 PROCESS_TIMEOUT_S = 150
+# The job test: training pairs per language and the hidden size of the tiny model folder.
+JOB_PAIRS = 16
+JOB_HIDDEN_SIZE = 64
 
-# Measured on this 2-core machine (JAX 0.10.2): the two runs agree bitwise. The bound leaves
+# Measured with JAX 0.10.2 on a 2-core x86 CPU: the two runs agree bitwise. The bound leaves
 # room for a gloo all-reduce that sums in another order than the in-process one.
 LOSS_RTOL = 1e-5
 PROMPT_ATOL = 1e-6
 
 
-def write_inputs(folder: Path) -> dict[str, np.ndarray]:
-    """Write the tiny model and the run's arrays to `folder` and return the arrays."""
+def write_step_inputs(folder: Path) -> dict[str, np.ndarray]:
+    """Write the tiny model and the step run's arrays to `folder` and return the arrays."""
     make_torch_model("llama_untied_gqa", seed=3).save_pretrained(folder / "model")
     rng = np.random.default_rng(0)
     rows = len(LANGUAGES) * NUM_QUERIES
@@ -62,19 +74,16 @@ def write_inputs(folder: Path) -> dict[str, np.ndarray]:
         # The system slot sits after the first real token of each row.
         "slot_positions": padding[:, None] + 1 + np.arange(SOFT_PROMPT_LENGTH)[None, :],
         "labels": np.arange(rows) % 2,
-        "example_indices": np.arange(rows) % NUM_QUERIES,
     }
     arrays = {name: value.astype(np.int32) for name, value in arrays.items()}
 
     # Two steps per language: each language's rows in a shuffled order, as a schedule would.
     steps_per_language = NUM_STEPS // len(LANGUAGES)
-    order, language = [], []
+    order = []
     for index in range(len(LANGUAGES)):
         shuffled = index * NUM_QUERIES + rng.permutation(NUM_QUERIES)
         order.append(shuffled[: steps_per_language * BATCH_SIZE])
-        language += [index] * steps_per_language
     arrays["order"] = np.concatenate(order).astype(np.int64)
-    arrays["language"] = np.asarray(language, np.int32)
 
     basis, _ = np.linalg.qr(rng.normal(size=(hidden, hidden)))
     transform = Transform(
@@ -97,10 +106,12 @@ def write_inputs(folder: Path) -> dict[str, np.ndarray]:
         refusal_bias=refusal.bias,
         harmfulness_weight=harmfulness.weight,
         harmfulness_bias=harmfulness.bias,
-        cache_refusal_logits=cache.refusal_logits,
-        cache_harmfulness_logits=cache.harmfulness_logits,
-        cache_complement=cache.complement,
-        cache_consistency=cache.consistency,
+        # The step reads each row's cached targets: row r is query r % NUM_QUERIES in
+        # language r // NUM_QUERIES.
+        refusal_logits=np.tile(cache.refusal_logits, len(LANGUAGES)),
+        harmfulness_logits=np.tile(cache.harmfulness_logits, len(LANGUAGES)),
+        complement=np.asarray(cache.complement).reshape(rows, -1),
+        consistency=np.asarray(cache.consistency).reshape(rows, -1),
     )
     for name, value in arrays.items():
         np.save(folder / f"{name}.npy", np.asarray(value))
@@ -120,15 +131,22 @@ def free_loopback_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_worker(inputs: Path, workdir: Path, log: Path, devices: int, *extra: str):
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    env["JAX_PLATFORMS"] = "cpu"
-    command = [sys.executable, str(WORKER), "--inputs", str(inputs), "--workdir", str(workdir)]
+def start_worker(log: Path, devices: int, arguments: list[str], env: dict | None = None):
+    """Start multihost_worker.py with `devices` local CPU devices, writing to `log`."""
+    process_env = {**os.environ, **(env or {})}
+    process_env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    process_env["JAX_PLATFORMS"] = "cpu"
     with log.open("w") as stream:
         return subprocess.Popen(
-            [*command, *extra], stdout=stream, stderr=subprocess.STDOUT, env=env
+            [sys.executable, str(WORKER), *arguments],
+            stdout=stream,
+            stderr=subprocess.STDOUT,
+            env=process_env,
         )
+
+
+def process_flags(port: int, process_id: int) -> list[str]:
+    return ["--num_processes", "2", "--process_id", str(process_id), "--port", str(port)]
 
 
 def wait_all(processes: list[subprocess.Popen], logs: list[Path]) -> None:
@@ -162,31 +180,20 @@ def rows_read(log: Path) -> list[tuple[int, int, int]]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
-    """Run one process and two processes on the same inputs; return their folders."""
-    root = tmp_path_factory.mktemp("multihost")
+    """Run the step as one process and as two processes on the same inputs."""
+    root = tmp_path_factory.mktemp("multihost_step")
     inputs = root / "inputs"
     inputs.mkdir()
-    write_inputs(inputs)
+    write_step_inputs(inputs)
 
     single, shared = root / "single", root / "two_processes"
-    port = str(free_loopback_port())
+    port = free_loopback_port()
     logs = [root / "single.log", root / "process0.log", root / "process1.log"]
-    processes = [start_worker(inputs, single, logs[0], 4)]
+    common = ["step", "--inputs", str(inputs), "--workdir"]
+    processes = [start_worker(logs[0], 4, [*common, str(single)])]
     for process_id in (0, 1):
-        processes.append(
-            start_worker(
-                inputs,
-                shared,
-                logs[1 + process_id],
-                2,
-                "--num_processes",
-                "2",
-                "--process_id",
-                str(process_id),
-                "--port",
-                port,
-            )  # fmt: skip
-        )
+        arguments = [*common, str(shared), *process_flags(port, process_id)]
+        processes.append(start_worker(logs[1 + process_id], 2, arguments))
     wait_all(processes, logs)
     return {"inputs": inputs, "single": single, "shared": shared, "root": root}
 
@@ -228,3 +235,78 @@ def test_only_process_zero_writes(runs):
     # MetricsWriter logs a summary line per step, on process 0 only.
     assert "INFO:absl:step 1 " in (runs["root"] / "process0.log").read_text()
     assert "INFO:absl:step 1 " not in (runs["root"] / "process1.log").read_text()
+
+
+@pytest.fixture(scope="module")
+def job_inputs(smollm2_tokenizer, tmp_path_factory) -> dict[str, Path]:
+    """Write a tiny model with the SmolLM2 tokenizer, a small dataset and estimation files."""
+    root = tmp_path_factory.mktemp("multihost_job")
+    model = build_tiny_model_folder(smollm2_tokenizer, root / "model")
+    dataset = write_small_dataset(root / "train.jsonl", JOB_PAIRS, LANGUAGES)
+    # Only the shapes of the transform and the probes matter here, so random states will do.
+    states = np.random.default_rng(0).normal(size=(4 * JOB_HIDDEN_SIZE, JOB_HIDDEN_SIZE))
+    artifacts = write_estimation_artifacts(states.astype(np.float32), root / "estimation")
+    return {"root": root, "model": model, "dataset": dataset, "artifacts": artifacts}
+
+
+def job_flags(job_inputs: dict[str, Path], workdir: Path) -> list[str]:
+    return [
+        f"--flagfile={TINY_CONFIG}",
+        f"--model={job_inputs['model']}",
+        f"--dataset={job_inputs['dataset']}",
+        f"--estimation_artifacts={job_inputs['artifacts']}",
+        f"--workdir={workdir}",
+        "--mesh_data=1",
+        "--mesh_fsdp=2",
+        "--mesh_tensor=2",
+        "--epochs_per_language=1",
+    ]
+
+
+# NOTE: the two processes of the job stop with "Fetching value for `jax.Array` that spans
+# non-addressable devices is not possible" (JAX 0.10.2) where the library reads sharded
+# arrays on the host: `trainer.initial_soft_prompt` reads the fsdp-sharded embedding table
+# and `states.compute_states` reads batch-sharded states with `np.asarray`. After those,
+# orbax rejects the RNG key of `TrainState`, a single-device array, in a multi-process save.
+@pytest.mark.xfail(
+    strict=True,
+    reason="multi-process training reads arrays sharded across processes with np.asarray",
+)
+def test_job_two_processes_match_one(job_inputs):
+    root = job_inputs["root"]
+    single, shared = root / "single", root / "two_processes"
+    port = free_loopback_port()
+    loopback = {"JAX_COORDINATOR_BIND_ADDRESS": f"127.0.0.1:{port}"}
+    logs = [root / "process0.log", root / "process1.log"]
+    processes = []
+    for process_id, log in enumerate(logs):
+        distributed = [
+            f"--coordinator_address=127.0.0.1:{port}",
+            "--num_processes=2",
+            f"--process_id={process_id}",
+        ]
+        arguments = ["job", *job_flags(job_inputs, shared), *distributed]
+        processes.append(start_worker(log, 2, arguments, loopback))
+    wait_all(processes, logs)
+    single_log = root / "single.log"
+    wait_all([start_worker(single_log, 4, ["job", *job_flags(job_inputs, single)])], [single_log])
+
+    np.testing.assert_allclose(
+        np.load(shared / "final_soft_prompt.npy"),
+        np.load(single / "final_soft_prompt.npy"),
+        rtol=0,
+        atol=PROMPT_ATOL,
+    )
+    single_rows = (single / "metrics.jsonl").read_text().splitlines()
+    shared_rows = (shared / "metrics.jsonl").read_text().splitlines()
+    assert len(shared_rows) == len(single_rows)
+    for single_row, shared_row in zip(single_rows, shared_rows, strict=True):
+        expected, actual = json.loads(single_row), json.loads(shared_row)
+        assert actual["step"] == expected["step"]
+        np.testing.assert_allclose(actual["loss/total"], expected["loss/total"], rtol=LOSS_RTOL)
+
+    assert sorted(p.name for p in shared.iterdir()) == sorted(p.name for p in single.iterdir())
+    process1 = logs[1].read_text()
+    assert "Wrote the final soft prompt" in logs[0].read_text()
+    assert "Wrote the final soft prompt" not in process1
+    assert "metrics.py" not in process1
