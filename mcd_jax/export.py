@@ -586,8 +586,8 @@ def _listed_files(folder: Path) -> list[str]:
     try:
         return list(json.loads(sidecar.read_text())["files"])
     except (ValueError, KeyError, TypeError):
-        # An unreadable sidecar differs from the one about to be written, which is enough
-        # to refuse; it lists no files that could be left stale.
+        # An unreadable sidecar differs from the new one, so the export is rejected anyway.
+        # It lists no files that could be left stale.
         return []
 
 
