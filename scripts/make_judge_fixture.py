@@ -442,12 +442,19 @@ HARMLESS: dict[str, list[str]] = {
 }
 
 
-def build_queries() -> list[dict[str, str]]:
-    """Return every (query, language, query_label) row, harmful rows first per language.
+def build_queries(per_kind: int = 20) -> list[dict[str, str]]:
+    """Return (query, language, query_label) rows, harmful rows first per language.
+
+    Args:
+      per_kind: how many harmful and how many harmless queries to take per
+        language, from the start of each list, 1 to 20.
 
     Raises:
-      ValueError: if a language lacks exactly twenty queries of each kind.
+      ValueError: if `per_kind` is out of range, or a language lacks exactly twenty
+        queries of each kind.
     """
+    if not 1 <= per_kind <= 20:
+        raise ValueError(f"per_kind must be between 1 and 20, got {per_kind}")
     rows = []
     for language in HARMFUL:
         for label, table in (("harmful", HARMFUL), ("harmless", HARMLESS)):
@@ -456,7 +463,9 @@ def build_queries() -> list[dict[str, str]]:
                 raise ValueError(
                     f"language {language!r} has {len(queries)} {label} queries, expected 20"
                 )
-            rows.extend({"query": q, "language": language, "query_label": label} for q in queries)
+            rows.extend(
+                {"query": q, "language": language, "query_label": label} for q in queries[:per_kind]
+            )
     return rows
 
 
@@ -556,11 +565,23 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16, help="Queries per batch.")
     parser.add_argument("--max-new-tokens", type=int, default=80, help="Tokens per answer.")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads.")
+    parser.add_argument(
+        "--per-kind",
+        type=int,
+        default=20,
+        help="Harmful and harmless queries per language, taken from the start of each list.",
+    )
+    parser.add_argument(
+        "--languages", default="", help="Comma-separated language codes to answer (default all)."
+    )
     parser.add_argument("--limit", type=int, default=0, help="Answer only this many (0 = all).")
     args = parser.parse_args()
     logging.set_verbosity(logging.INFO)
 
-    rows = build_queries()
+    rows = build_queries(args.per_kind)
+    if args.languages:
+        wanted = set(args.languages.split(","))
+        rows = [row for row in rows if row["language"] in wanted]
     if args.limit:
         rows = rows[: args.limit]
     generate(rows, args.output, args.batch_size, args.max_new_tokens, args.threads)
