@@ -24,7 +24,7 @@ def plot_report(payload: Mapping[str, Any]) -> bytes:
     """Draw the report's per-language rates as grouped bars and return the PNG bytes.
 
     A hatched bar marks a language the system's soft prompt was trained on. A rate
-    that is undefined (no judged query) gets no bar.
+    that is undefined (no judged query) gets an "n/a" label instead of a bar.
     """
     languages = payload["data"]["languages"]
     systems = payload["systems"]
@@ -39,10 +39,12 @@ def plot_report(payload: Mapping[str, Any]) -> bytes:
             rows = payload["metrics"][system["name"]]["languages"]
             for position, language in enumerate(languages):
                 value = rows[language][rate]
+                center = position - 0.4 + (number + 0.5) * width
                 if value is None:
+                    axis.text(center, 1, "n/a", ha="center", fontsize=6, rotation=90)
                     continue
                 axis.bar(
-                    position - 0.4 + (number + 0.5) * width,
+                    center,
                     value,
                     width,
                     color=colors[number % len(colors)],
@@ -59,9 +61,12 @@ def plot_report(payload: Mapping[str, Any]) -> bytes:
         Patch(facecolor=colors[number % len(colors)], label=system["name"])
         for number, system in enumerate(systems)
     ]
-    handles.append(
-        Patch(facecolor="white", edgecolor="black", hatch=_TRAINED_HATCH, label="trained language")
-    )
+    if any(system["trained_languages"] for system in systems):
+        handles.append(
+            Patch(
+                facecolor="white", edgecolor="black", hatch=_TRAINED_HATCH, label="trained language"
+            )
+        )
     figure.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), frameon=False)
     figure.tight_layout(rect=(0, 0.06, 1, 1))
 
