@@ -210,6 +210,8 @@ def text_prompt_states(
         len(training_set.languages),
     )
     # NOTE: the text prompt always sits in the system slot here, also with --placement=prefix.
+    # Under several JAX processes this needs `compute_states` to return host arrays from a
+    # batch sharded across processes, which no test here runs.
     states = np.stack(
         [
             compute_states(
@@ -312,7 +314,9 @@ class BatchBuilder:
                 self._tokenizer, self.training_set.texts[language], **self._format_options
             )
             longest = max(longest, int(batch.lengths.max()))
-        return -(-longest // _PAD_MULTIPLE) * _PAD_MULTIPLE
+        padded = -(-longest // _PAD_MULTIPLE) * _PAD_MULTIPLE
+        max_length = self._format_options["max_length"]
+        return padded if max_length is None else min(padded, max_length)
 
     def _row_languages(self, step: ScheduleStep) -> list[int]:
         """Return the language positions of one query's rows in the model input."""

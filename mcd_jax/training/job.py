@@ -1,9 +1,9 @@
 """The training job: validate, load the model, run estimation, train, write the soft prompt.
 
-`run_training_job` is the one function `launch/train.py` calls. It checks everything cheap
-first (the mesh against the devices, the batch against the mesh, the work directory, the
-training data), so a bad setting fails in seconds with a message that names the flag, before
-any model weights are read. Then it writes the resolved config, loads the model onto the mesh,
+`run_training_job` is the one function `launch/train.py` calls. It first checks everything
+cheap: the mesh against the devices, the batch against the mesh, the work directory and the
+training data. So a bad setting fails in seconds, before any model weights are read, with a
+message that names the flag. Then it writes the resolved config, loads the model onto the mesh,
 runs the estimation stage (or reads its artifacts from `--estimation_artifacts`), trains, and
 writes `final_soft_prompt.npy` with `final_soft_prompt.json` to the work directory.
 
@@ -61,7 +61,7 @@ class JobConfigurationError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class JobResult:
-    """What a training job produced.
+    """Outputs of a training job.
 
     Attributes:
         soft_prompt: The trained soft prompt, `[P, d]` float32.
@@ -159,8 +159,8 @@ def initialize_distributed(settings: DistributedConfig) -> None:
             process_id=settings.process_id,
         )
         return
-    # NOTE: only the coordinator-flag path is tested (on CPU); the automatic path relies on
-    # JAX's own cluster detection for Cloud TPU and SLURM.
+    # NOTE: this automatic path is untested. It relies on JAX's own cluster detection for Cloud
+    # TPU and SLURM.
     detected = [name for name in _CLUSTER_VARIABLES if os.environ.get(name)]
     multi_host = os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0 or (
         int(os.environ.get("SLURM_STEP_NUM_TASKS", "1") or 1) > 1
@@ -294,6 +294,14 @@ def run_training_job(
     path = None
     if result.finished and jax.process_index() == 0:
         path = write_final_soft_prompt(workdir, result, config, loaded.source)
+    if result.preempted:
+        logging.warning(
+            "Stopped at step %d of %d after a preemption signal; run the same command again to "
+            "resume from %s",
+            result.step,
+            result.total_steps,
+            workdir,
+        )
     return JobResult(
         soft_prompt=result.soft_prompt,
         step=result.step,

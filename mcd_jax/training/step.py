@@ -6,8 +6,8 @@ executable. The soft prompt `[P, d]` float32 and its optimizer state are replica
 Every batch array is sharded on its leading axis over ("data", "fsdp").
 
 A batch is a dict of arrays. Model inputs have one row per (query, language) pair that the step
-runs through the model; query-major, so row `q * languages_per_query + l` is query q in language
-l. Loss inputs have one row per loss row:
+runs through the model. Rows are query-major: row `q * languages_per_query + l` is query q in
+language l. Loss inputs have one row per loss row:
 
 - `input_ids`, `attention_mask`, `position_ids`: `[rows, seq]`.
 - `slot_positions`: `[rows, P]`, where the soft prompt goes in each row.

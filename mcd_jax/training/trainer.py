@@ -261,6 +261,8 @@ def train(
         step=0,
         soft_prompt=soft_prompt,
         opt_state=_replicate(optimizer.init(soft_prompt), mesh),
+        # NOTE: the step draws no random numbers yet. The key is saved and restored anyway,
+        # so a stochastic step (e.g. dropout on the prompt) would resume bit for bit.
         rng_key=jax.random.key(config.schedule.seed),
         position=schedule.position_of(0),
     )

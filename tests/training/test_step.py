@@ -146,8 +146,9 @@ def test_gradient_matches_finite_differences(tiny, layout, target):
     gradient = np.asarray(jax.grad(loss)(prompt))
     random = np.random.default_rng(0).normal(size=prompt.shape).astype(np.float32)
     # Central differences along the gradient and along a random direction, both unit norm.
-    # In float32 the loss (about 1) carries rounding errors near 1e-6, which divided by
-    # 2 * epsilon = 2e-2 gives about 5e-5; the truncation error is O(epsilon^2) and smaller.
+    # In float32 the loss (about 1) carries rounding errors of roughly 1e-6 (an estimate for
+    # a 2-layer forward pass), which divided by 2 * epsilon = 2e-2 gives about 5e-5. The
+    # truncation error is O(epsilon^2), smaller still.
     epsilon = 1e-2
     for direction in (gradient / np.linalg.norm(gradient), random / np.linalg.norm(random)):
         numeric = (
@@ -205,9 +206,10 @@ def test_mesh_matches_single_device(tiny, single_device_run, shape):
     losses, prompt = run_steps(tiny, make_mesh(*shape))
     expected_losses, expected_prompt = single_device_run
 
-    # Sharded matmuls and reductions sum in another order, so float32 results differ by a
-    # few ulps; 1e-5 relative on the losses and 1e-5 absolute on the prompt (whose AdamW
-    # steps are 1e-3 per coordinate) leave room for that and catch any real difference.
+    # Sharded matmuls and reductions sum in another order, so float32 results differ in the
+    # last bits. The bounds, 1e-5 relative on the losses and 1e-5 absolute on the prompt,
+    # leave room for that. They still catch a real difference, because AdamW moves each
+    # prompt coordinate by about 1e-3 per step.
     for step, (got, expected) in enumerate(zip(losses, expected_losses, strict=True)):
         for name in TERMS:
             assert got[name] == pytest.approx(expected[name], rel=1e-5), (step, name)

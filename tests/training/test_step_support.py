@@ -1,7 +1,7 @@
 """Builders shared by the step and trainer tests: a tiny model folder and estimation artifacts.
 
 The tiny model is a random Qwen2 transformer with the SmolLM2 tokenizer's vocabulary, saved
-with that tokenizer, so it has a real chat template and loads in well under a second. The
+with that tokenizer, so it has a real chat template and loads in seconds. The
 estimation artifacts are a transform fitted on the tiny model's own states and random probes,
 written in the layout that `--estimation_artifacts` reads.
 """

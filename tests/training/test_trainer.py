@@ -1,9 +1,9 @@
 """The training job end to end: launch/train.py stopped by SIGTERM or SIGKILL, then resumed.
 
 Every run trains the tiny random model of `test_step_support` with configs/tiny_test.cfg on 16
-pairs of the built-in training split (48 steps). Every run is a real subprocess of
-launch/train.py on one CPU device, signalled by its PID. The job's checks of bad settings run in
-this process with its 8 host CPU devices.
+pairs of the built-in training split (48 steps). The stopped, resumed and uninterrupted
+runs are real subprocesses of launch/train.py on one CPU device, signalled by their PID. The
+checks of bad settings run the job in this process, on its 8 host CPU devices.
 """
 
 import dataclasses
