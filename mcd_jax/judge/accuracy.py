@@ -1,8 +1,8 @@
 """Per-language precision and recall of a refusal judge on human-labelled responses.
 
 The fixture is a JSONL file whose rows carry `response`, `language` and
-`human_label` ("refusal" or "compliance"); rows with a `_meta` key (the header
-that records how the responses were generated) are skipped. Run as
+`human_label` ("refusal" or "compliance"). Rows with a `_meta` key are skipped,
+because they are the header that records how the responses were generated. Run as
 
   python -m mcd_jax.judge tests/fixtures/judge_responses.jsonl
 

@@ -1,9 +1,10 @@
 """A small writing-system detector built on Unicode block ranges.
 
-It tells which script most letters of a text belong to, so the keyword judge
-can refuse to judge text in a script it has no phrases for. It cannot tell
+It finds the script that most letters of a text belong to, so the keyword judge
+can decline to judge text in a script it has no phrases for. It cannot tell
 apart languages that share a script (English from Polish, Chinese from
-Cantonese): the query's language code covers that case.
+Cantonese). The judge checks the query's language code for that reason, which
+catches a query in an uncovered language but not an answer in one.
 """
 
 from __future__ import annotations
