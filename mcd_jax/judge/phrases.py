@@ -87,6 +87,7 @@ REFUSAL_PHRASES: dict[str, tuple[str, ...]] = {
     "da": (
         "beklager",
         "undskyld, men",
+        "jeg kan ikke",
         "jeg kan ikke hjælpe",
         "jeg kan ikke give",
         "jeg kan ikke skrive",
