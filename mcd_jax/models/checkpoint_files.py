@@ -14,6 +14,7 @@ import numpy as np
 from absl import logging
 from safetensors import SafetensorError, safe_open
 
+from mcd_jax.models.gguf_layout import read_gguf_layout
 from mcd_jax.models.key_map import gguf_name_to_hf
 
 SAFETENSORS_FILE = "model.safetensors"
@@ -114,7 +115,7 @@ class GGUFCheckpoint:
 
         self.path = path
         try:
-            reader = gguf.GGUFReader(str(path))
+            reader = read_gguf_layout(path)
         except (ValueError, OSError, IndexError, KeyError) as error:
             raise CheckpointError(
                 f"{path} is not a readable GGUF file ({type(error).__name__}: {error}); it is "
@@ -151,7 +152,7 @@ class GGUFCheckpoint:
 
     def shape(self, key: str) -> tuple[int, ...]:
         """Return the tensor's shape in PyTorch order (GGUF stores it reversed)."""
-        return tuple(int(n) for n in reversed(self._tensors[key].shape.tolist()))
+        return tuple(int(n) for n in reversed(self._tensors[key].shape))
 
     def read(self, key: str, num_heads: int = 0, num_kv_heads: int = 0) -> np.ndarray:
         """Dequantize one tensor to float32, undoing llama.cpp's q/k row permutation.

@@ -29,6 +29,7 @@ from mcd_jax.models.checkpoint_files import (
     SafetensorsCheckpoint,
 )
 from mcd_jax.models.config import ModelConfig
+from mcd_jax.models.gguf_cache import gguf_config_and_tokenizer
 from mcd_jax.models.key_map import IGNORED_KEY_PATTERN, WeightMapping, expected_keys
 from mcd_jax.models.packaged import PACKAGED_MODELS, fetch_packaged_model
 from mcd_jax.models.transformer import Transformer
@@ -185,10 +186,10 @@ def _load_folder_tokenizer(folder: Path):
 
 def _load_gguf(path: Path, dtype: Any, mesh: Mesh | None, source: dict) -> LoadedModel:
     """Load a GGUF file: config and tokenizer through transformers, weights dequantized here."""
-    from transformers import AutoConfig, AutoTokenizer
-
     checkpoint = GGUFCheckpoint(path)
-    hf_config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name).to_dict()
+    if "sha256" not in source:
+        source = {**source, "sha256": _sha256(path)}
+    hf_config, tokenizer = gguf_config_and_tokenizer(path, source["sha256"])
     config = ModelConfig.from_hf_config(hf_config)
     checkpoint.set_model_type(config.model_type)
 
@@ -197,9 +198,6 @@ def _load_gguf(path: Path, dtype: Any, mesh: Mesh | None, source: dict) -> Loade
 
     logging.info("Loading %s weights from GGUF %s", config.model_type, path)
     model = build_model(config, checkpoint, read, dtype=dtype, mesh=mesh)
-    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    if "sha256" not in source:
-        source = {**source, "sha256": _sha256(path)}
     return LoadedModel(model, tokenizer, config, source)
 
 
