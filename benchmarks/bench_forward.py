@@ -15,6 +15,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -156,7 +157,9 @@ def main() -> None:
             times = _best_times(runs, args.repeats)
             ours, theirs = times["ours"], times["theirs"]
             peak = 2 * PEAK_SIZE**3 / times["peak"]
-            del ours_run, theirs_run
+            # Free both models before the next pair loads; `runs` refers to them too.
+            del ours_run, theirs_run, runs
+            gc.collect()
             flops = forward_flops(config, BATCH, SEQ)
             row = {
                 "model": name,
