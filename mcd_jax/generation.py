@@ -26,6 +26,7 @@ from jax.sharding import Mesh
 from mcd_jax.chat import format_chat_batch
 from mcd_jax.models.transformer import Transformer
 from mcd_jax.sampling import SamplingConfig, select_next_tokens
+from mcd_jax.sharding import to_host
 from mcd_jax.soft_prompt import check_soft_prompt, splice_soft_prompt
 from mcd_jax.states import batch_arrays
 
@@ -127,7 +128,7 @@ def generate(
         tokens, num_tokens = _generate_jit(
             graphdef, state, arrays, soft_prompt, key, sampling, batch.pad_id
         )
-        tokens, num_tokens = np.asarray(tokens), np.asarray(num_tokens)
+        tokens, num_tokens = to_host(tokens), to_host(num_tokens)
         for row in range(len(chunk)):
             results.append(_row_result(tokens[row], int(num_tokens[row]), sampling))
         done = start + len(chunk)

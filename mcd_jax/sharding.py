@@ -133,3 +133,25 @@ def parameter_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
     """Shard the leading (batch) axis over ("data", "fsdp"); replicate the rest."""
     return NamedSharding(mesh, PartitionSpec(LOGICAL_AXIS_RULES["batch"], *([None] * (ndim - 1))))
+
+
+def to_host(array: jax.Array) -> np.ndarray:
+    """Copy an array to host memory, gathering the shards other processes hold.
+
+    `np.asarray` cannot read an array that spans devices of several processes (a
+    multi-host mesh), so such arrays are all-gathered first. Every process must call
+    this for the same array, since the gather is a collective.
+    """
+    if getattr(array, "is_fully_addressable", True):
+        return np.asarray(array)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+
+
+def replicated_key(seed: int, mesh: Mesh | None) -> jax.Array:
+    """Make a typed PRNG key, replicated over the mesh so a multi-process save accepts it."""
+    if mesh is None:
+        return jax.random.key(seed)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return jax.jit(lambda: jax.random.key(seed), out_shardings=replicated)()

@@ -22,6 +22,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mcd_jax.chat import ChatBatch, format_chat_batch
 from mcd_jax.models.transformer import Transformer
+from mcd_jax.sharding import to_host
 from mcd_jax.soft_prompt import check_soft_prompt, splice_soft_prompt
 
 
@@ -104,7 +105,7 @@ def compute_states(
         )
         arrays = batch_arrays(batch, batch_size, mesh)
         states = _states_jit(graphdef, state, arrays, soft_prompt)
-        outputs.append(np.asarray(states)[: len(chunk)])
+        outputs.append(to_host(states)[: len(chunk)])
     if not outputs:
         return np.zeros((0, model.config.hidden_size), np.float32)
     return np.concatenate(outputs)

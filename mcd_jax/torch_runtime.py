@@ -3,8 +3,8 @@
 The soft prompt goes where training put it: in the system slot of the model's own chat
 template, or before the chat-formatted query for prefix placement. The token layout comes from
 `mcd_jax.chat.format_chat_batch`, the same code that formats training batches, so the PyTorch
-model gets the same rows as the JAX model did in training. The placeholders in the slot are replaced by
-the soft prompt in `inputs_embeds`.
+model gets the same rows as the JAX model did in training. The soft prompt replaces the
+placeholders in the slot in `inputs_embeds`.
 
 Example:
 

@@ -24,6 +24,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from mcd_jax.method.objective import precompute_text_prompt_cache
 from mcd_jax.method.schedule import collaborative_schedule, parallel_schedule
 from mcd_jax.models.loading import LoadedModel
+from mcd_jax.sharding import replicated_key, to_host
 from mcd_jax.soft_prompt import init_soft_prompt, text_prompt_token_ids
 from mcd_jax.training.checkpointing import (
     RunFingerprint,
@@ -145,8 +146,10 @@ def initial_soft_prompt(loaded: LoadedModel, config: TrainConfig) -> jax.Array:
     """Initialise the soft prompt `[P, d]` from the embeddings of the text prompt's tokens."""
     text = resolve_text_prompt(config.method.soft_prompt_init_text or config.method.text_prompt)
     token_ids = text_prompt_token_ids(loaded.tokenizer, text, config.method.placement)
-    table = np.asarray(loaded.model.embed_tokens[...].astype(jnp.float32))
-    return init_soft_prompt(table, token_ids)
+    # Only the prompt's rows are gathered to the host, not the whole (possibly sharded) table.
+    rows = jnp.take(loaded.model.embed_tokens[...], jnp.asarray(token_ids), axis=0)
+    table = to_host(rows.astype(jnp.float32))
+    return init_soft_prompt(table, list(range(len(token_ids))))
 
 
 def _replicate(tree: Any, mesh: Mesh | None) -> Any:
@@ -263,7 +266,7 @@ def train(
         opt_state=_replicate(optimizer.init(soft_prompt), mesh),
         # NOTE: the step draws no random numbers yet. The key is saved and restored anyway,
         # so a stochastic step (e.g. dropout on the prompt) would resume bit for bit.
-        rng_key=jax.random.key(config.schedule.seed),
+        rng_key=replicated_key(config.schedule.seed, mesh),
         position=schedule.position_of(0),
     )
     loop = _Loop(config, schedule, batches, step_fn, model_state, _replicate(method, mesh))

@@ -263,15 +263,6 @@ def job_flags(job_inputs: dict[str, Path], workdir: Path) -> list[str]:
     ]
 
 
-# NOTE: the two processes of the job stop with "Fetching value for `jax.Array` that spans
-# non-addressable devices is not possible" (JAX 0.10.2) where the library reads sharded
-# arrays on the host: `trainer.initial_soft_prompt` reads the fsdp-sharded embedding table
-# and `states.compute_states` reads batch-sharded states with `np.asarray`. After those,
-# orbax rejects the RNG key of `TrainState`, a single-device array, in a multi-process save.
-@pytest.mark.xfail(
-    strict=True,
-    reason="multi-process training reads arrays sharded across processes with np.asarray",
-)
 def test_job_two_processes_match_one(job_inputs):
     root = job_inputs["root"]
     single, shared = root / "single", root / "two_processes"
