@@ -300,9 +300,10 @@ def run_estimation(
             "chat template. Add the tokenizer files to the model folder."
         )
     judge = KeywordRefusalJudge() if judge is None else judge
+    anchors_given = anchors is not None
     anchors = tuple(load_anchors(config) if anchors is None else anchors)
     _check_anchors(anchors)
-    record = estimation_record(loaded, anchors, config, judge)
+    record = estimation_record(loaded, anchors, config, judge, anchors_passed=anchors_given)
     directory = Path(workdir) / ESTIMATION_SUBDIR
 
     reused = _agree_across_processes(_load_if_recorded(directory, record, anchors))
@@ -425,6 +426,8 @@ def estimation_record(
     anchors: Sequence[Example],
     config: EstimationSettings,
     judge: RefusalJudge,
+    *,
+    anchors_passed: bool = False,
 ) -> dict[str, Any]:
     """Describe everything the artifacts depend on, as JSON-compatible values.
 
@@ -433,6 +436,8 @@ def estimation_record(
         anchors: the anchor set; its size, labels and a SHA-256 of its rows are recorded.
         config: the settings.
         judge: the refusal judge; its class and covered languages are recorded.
+        anchors_passed: True when the caller passed the anchors instead of `config` naming
+            their dataset.
 
     Returns:
         The record with the sections "model", "data", "judge" and "settings".
@@ -446,7 +451,7 @@ def estimation_record(
     return _json_values(
         {
             "model": model_record(loaded),
-            "data": data_record(anchors, config),
+            "data": data_record(anchors, None if anchors_passed else config),
             "judge": judge_record,
             "settings": config.to_record(),
         }
@@ -477,16 +482,22 @@ def _listing_sha256(folder: Path) -> str:
     return digest.hexdigest()
 
 
-def data_record(anchors: Sequence[Example], config: EstimationSettings) -> dict[str, Any]:
-    """Return where the anchor set came from, its counts and a SHA-256 of its rows."""
+def data_record(anchors: Sequence[Example], config: EstimationSettings | None) -> dict[str, Any]:
+    """Return where the anchor set came from, its counts and a SHA-256 of its rows.
+
+    Args:
+        anchors: the anchor set.
+        config: the settings that named its dataset and split; None for anchors passed in.
+    """
     digest = hashlib.sha256()
     for example in anchors:
         row = [example.text, example.language, example.label, example.pair_id]
         digest.update(json.dumps(row, ensure_ascii=False).encode())
         digest.update(b"\n")
     return {
-        "dataset": config.dataset,
-        "split": config.split,
+        "dataset": "anchors passed to run_estimation" if config is None else config.dataset,
+        "split": None if config is None else config.split,
+        "sources": sorted({example.source for example in anchors}),
         "languages": sorted({example.language for example in anchors}),
         "harmful": sum(example.label == HARMFUL for example in anchors),
         "harmless": sum(example.label == HARMLESS for example in anchors),
@@ -660,9 +671,10 @@ def _check_labels(
         f"{s[HARMLESS]['judged_responses']} harmless), {s['all']['unjudged_responses']} unjudged"
         for name, s in label_stats.items()
     )
+    dataset = data["dataset"] if data["split"] is None else f"{data['dataset']} {data['split']}"
     raise DegenerateLabelsError(
         f"model {_describe_model(model_source)} {outcome} under every prompt condition, so the "
-        f"refusal probe cannot be estimated. Data: {data['dataset']} split {data['split']}, "
+        f"refusal probe cannot be estimated. Data: {dataset}, "
         f"languages {data['languages']}, {data['harmful']} harmful and {data['harmless']} "
         f"harmless queries. Counts per condition: {counts}. Use a chat model with safety "
         "tuning, more or more clearly harmful anchor queries, sampled decoding with more "
@@ -909,6 +921,8 @@ def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
     os.close(handle)
     try:
         write(Path(temporary))
+        # mkstemp creates the file readable by its owner only; artifacts are shared files.
+        os.chmod(temporary, 0o644)
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
