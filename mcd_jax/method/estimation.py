@@ -567,7 +567,13 @@ def _condition_responses(
         example.language for example, keep in zip(anchors, kept, strict=True) for k in keep if k
     ]
     with _stage(f"Judging under condition {condition.name!r}", f"{len(kept_texts)} responses"):
-        kept_verdicts = iter(judge.judge(kept_texts, kept_languages))
+        judged = judge.judge(kept_texts, kept_languages)
+    if len(judged) != len(kept_texts):
+        raise ValueError(
+            f"judge {type(judge).__qualname__} returned {len(judged)} verdicts for "
+            f"{len(kept_texts)} responses; a RefusalJudge returns one verdict per response"
+        )
+    kept_verdicts = iter(judged)
     verdicts = [[next(kept_verdicts) if k else None for k in keep] for keep in kept]
     return _Responses(
         texts=texts,
