@@ -50,9 +50,9 @@ from mcd_jax.method.transform import Transform  # noqa: E402
 from mcd_jax.models import load_model  # noqa: E402
 from mcd_jax.models.config import ModelConfig  # noqa: E402
 from mcd_jax.models.packaged import fetch_packaged_model  # noqa: E402
+from mcd_jax.prompts import BUILTIN_TEXT_PROMPTS  # noqa: E402
 from mcd_jax.soft_prompt import init_soft_prompt, text_prompt_token_ids  # noqa: E402
 from mcd_jax.training.step import MethodArrays, StepConfig, TrainStep, make_optimizer  # noqa: E402
-from mcd_jax.training.trainer import BUILTIN_TEXT_PROMPTS  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 import torch_reference_step  # noqa: E402

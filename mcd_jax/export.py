@@ -1042,7 +1042,7 @@ def _last_metrics_line(workdir: Path, step: int) -> dict[str, Any]:
 
 def _initial_text_prompt(config: Any) -> str:
     """Return the text the soft prompt was initialised from, with built-in names resolved."""
-    from mcd_jax.method.estimation import DEFAULT_TEXT_PROMPT, SHORT_TEXT_PROMPT
+    from mcd_jax.prompts import DEFAULT_TEXT_PROMPT, SHORT_TEXT_PROMPT
 
     text = config.method.soft_prompt_init_text or config.method.text_prompt
     return {"default": DEFAULT_TEXT_PROMPT, "short": SHORT_TEXT_PROMPT}.get(text, text)

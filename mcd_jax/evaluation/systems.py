@@ -24,8 +24,8 @@ from absl import logging
 
 from mcd_jax.chat import PLACEMENTS
 from mcd_jax.data.languages import canonical_language
-from mcd_jax.method.estimation import DEFAULT_TEXT_PROMPT
 from mcd_jax.models.loading import LoadedModel
+from mcd_jax.prompts import DEFAULT_TEXT_PROMPT
 from mcd_jax.soft_prompt import check_soft_prompt
 
 BUILTIN_SYSTEMS = ("none", "default")

@@ -49,29 +49,14 @@ from mcd_jax.judge import KeywordRefusalJudge, RefusalJudge, Verdict
 from mcd_jax.method.probes import LinearProbe, ProbeFit, ProbeTrainingConfig, fit_probe
 from mcd_jax.method.transform import Transform, fit_transform
 from mcd_jax.models.loading import LoadedModel
+from mcd_jax.prompts import (
+    DEFAULT_TEXT_PROMPT,
+    PARAPHRASED_SHORT_TEXT_PROMPT,
+    SHORT_TEXT_PROMPT,
+)
 from mcd_jax.sampling import SamplingConfig
 from mcd_jax.states import compute_states
 from mcd_jax.training.config import EstimationConfig, TrainConfig, estimation_problems
-
-# Llama-2's default system prompt, which the DRO and MCD reference code use as the text prompt.
-DEFAULT_TEXT_PROMPT = (
-    "You are a helpful, respectful and honest assistant. Always answer as helpfully as "
-    "possible, while being safe. Your answers should not include any harmful, unethical, "
-    "racist, sexist, toxic, dangerous, or illegal content. Please ensure that your responses "
-    "are socially unbiased and positive in nature.\n\nIf a question does not make any sense, "
-    "or is not factually coherent, explain why instead of answering something not correct. "
-    "If you don't know the answer to a question, please don't share false information."
-)
-# The first two sentences of the default prompt.
-SHORT_TEXT_PROMPT = (
-    "You are a helpful, respectful and honest assistant. Always answer as helpfully as "
-    "possible, while being safe."
-)
-# A paraphrase of the short prompt, the fourth prompt condition of the anchor states.
-PARAPHRASED_SHORT_TEXT_PROMPT = (
-    "You are an assistant who is useful, polite and truthful. Give answers that help as much "
-    "as you can, while staying safe."
-)
 
 ESTIMATION_SUBDIR = "estimation"
 RECORD_FILE = "record.json"

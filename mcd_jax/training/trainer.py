@@ -24,6 +24,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from mcd_jax.method.objective import precompute_text_prompt_cache
 from mcd_jax.method.schedule import collaborative_schedule, parallel_schedule
 from mcd_jax.models.loading import LoadedModel
+from mcd_jax.prompts import resolve_text_prompt
 from mcd_jax.sharding import replicated_key, to_host
 from mcd_jax.soft_prompt import init_soft_prompt, text_prompt_token_ids
 from mcd_jax.training.checkpointing import (
@@ -42,24 +43,6 @@ from mcd_jax.training.data import (
 from mcd_jax.training.metrics import MetricsWriter, ThroughputMeter
 from mcd_jax.training.preemption import PreemptionWatcher
 from mcd_jax.training.step import MethodArrays, StepConfig, TrainStep, make_optimizer
-
-# Built-in text prompts of `--text_prompt` (Llama-2's system prompts, as the DRO and MCD
-# reference code uses them).
-BUILTIN_TEXT_PROMPTS = {
-    "default": (
-        "You are a helpful, respectful and honest assistant. Always answer as helpfully as "
-        "possible, while being safe. Your answers should not include any harmful, unethical, "
-        "racist, sexist, toxic, dangerous, or illegal content. Please ensure that your "
-        "responses are socially unbiased and positive in nature.\n\nIf a question does not "
-        "make any sense, or is not factually coherent, explain why instead of answering "
-        "something not correct. If you don't know the answer to a question, please don't "
-        "share false information."
-    ),
-    "short": (
-        "You are a helpful, respectful and honest assistant. Always answer as helpfully as "
-        "possible, while being safe."
-    ),
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,11 +67,6 @@ class TrainResult:
     def finished(self) -> bool:
         """Whether the whole schedule has run."""
         return self.step >= self.total_steps
-
-
-def resolve_text_prompt(value: str) -> str:
-    """Return the text of `--text_prompt`: a built-in name or the prompt itself."""
-    return BUILTIN_TEXT_PROMPTS.get(value, value)
 
 
 def build_schedule(config: TrainConfig, num_examples: int):
