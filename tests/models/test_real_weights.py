@@ -8,7 +8,6 @@ The tolerance of 1e-3 leaves about 10x headroom, yet a single wrong weight layou
 rows left in llama.cpp's permuted order) moves logits by far more than 1.
 """
 
-import os
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -99,10 +98,6 @@ def test_smollm2_source_records_gguf(smollm2_run, smollm2_gguf):
     assert "<|im_start|>" in loaded.tokenizer.chat_template
 
 
-@pytest.mark.skipif(
-    os.environ.get("MCD_JAX_LONG_TESTS") != "1",
-    reason="takes about 3 minutes on 2 CPU cores; set MCD_JAX_LONG_TESTS=1 to run it",
-)
 def test_qwen_short_prompt_matches(qwen_gguf):
     _, ours, reference, mask = _compare(qwen_gguf, CHATS[:1])
 
