@@ -1,11 +1,10 @@
 """Last-position final-norm states `h(x)` of chat-formatted queries.
 
-Estimation, the text-prompt states the objective compares against, and the
-soft-prompt states in the training step all read the same vector: the frozen
-model's final-norm hidden state at the last input position, which is the end of
-the chat template's generation prompt. This module computes it in batches,
-jitted once per padded shape, with a text prompt, a soft prompt or nothing in
-the system slot.
+Estimation, the text-prompt states and the soft-prompt states of the training step all
+read the same vector. It is the frozen model's final-norm hidden state at the last input
+position, the end of the chat template's generation prompt. This module computes it in
+batches, jitted once per padded shape, with a text prompt, a soft prompt or nothing in the
+system slot.
 """
 
 from __future__ import annotations
