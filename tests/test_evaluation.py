@@ -47,6 +47,9 @@ from mcd_jax.models import load_model
 from mcd_jax.training import config as train_config
 from mcd_jax.training.job import write_final_soft_prompt
 
+sys.path.insert(0, str(Path(__file__).parent / "models"))
+from tiny_models import randomize_weights  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 LANGUAGES = ["en", "ko", "th"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -84,11 +87,7 @@ def tiny_model_dir(smollm2_tokenizer, tmp_path_factory) -> Path:
     )
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            parameter.normal_(0.0, 0.08)
-            if "norm" in name:
-                parameter.add_(1.0)
+    randomize_weights(model)
     model.save_pretrained(folder)
     smollm2_tokenizer.save_pretrained(folder)
     return folder

@@ -44,7 +44,7 @@ from mcd_jax.training.config import (
 )
 
 sys.path.insert(0, str(Path(__file__).parent / "models"))
-from tiny_models import _SIZES, VARIANTS  # noqa: E402
+from tiny_models import make_torch_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TEXT_PROMPT = "You are a careful assistant. Refuse harmful requests."
@@ -61,18 +61,10 @@ PLACEMENTS = ("system_slot", "prefix")
 
 def _tiny_models(tokenizer, folder: Path):
     """Save a random Llama with the tokenizer's vocabulary (and the tokenizer); load it in JAX."""
-    config_class, kwargs = VARIANTS["llama_untied_gqa"]
-    sizes = {**_SIZES, "vocab_size": len(tokenizer), "max_position_embeddings": 256}
-    torch.manual_seed(0)
-    torch_model = transformers.AutoModelForCausalLM.from_config(
-        config_class(**sizes, **kwargs), dtype=torch.float32
+    torch_model = make_torch_model(
+        "llama_untied_gqa", vocab_size=len(tokenizer), max_position_embeddings=256
     )
-    with torch.no_grad():
-        for name, parameter in torch_model.named_parameters():
-            parameter.normal_(0.0, 0.08)
-            if "norm" in name:
-                parameter.add_(1.0)
-    torch_model.eval().save_pretrained(folder)
+    torch_model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return torch_model, load_model(folder, dtype=jnp.float32)
 

@@ -22,7 +22,7 @@ from mcd_jax.sharding import make_mesh
 from mcd_jax.soft_prompt import init_soft_prompt, text_prompt_token_ids
 
 sys.path.insert(0, str(Path(__file__).parent / "models"))
-from tiny_models import _SIZES, VARIANTS  # noqa: E402
+from tiny_models import make_torch_model  # noqa: E402
 
 QUERIES = [
     "Hi",
@@ -36,17 +36,8 @@ TEXT_PROMPT = "You are a helpful assistant. Answer briefly."
 
 def _tiny_pair(variant: str, tokenizer, folder: Path):
     """Build a random PyTorch model with the tokenizer's vocabulary; load it in JAX."""
-    config_class, kwargs = VARIANTS[variant]
-    sizes = {**_SIZES, "vocab_size": len(tokenizer), "max_position_embeddings": 256}
-    config = config_class(**sizes, **kwargs)
-    torch.manual_seed(0)
-    torch_model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        for name, parameter in torch_model.named_parameters():
-            parameter.normal_(0.0, 0.08)
-            if "norm" in name:
-                parameter.add_(1.0)
-    torch_model.eval().save_pretrained(folder)
+    torch_model = make_torch_model(variant, vocab_size=len(tokenizer), max_position_embeddings=256)
+    torch_model.save_pretrained(folder)
     return torch_model, load_model(folder, dtype=jnp.float32).model
 
 

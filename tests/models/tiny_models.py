@@ -64,12 +64,20 @@ VARIANTS: dict[str, tuple[type, dict]] = {
 }
 
 
-def make_torch_model(variant: str, seed: int = 0) -> transformers.PreTrainedModel:
-    """Build a float32 random model whose every weight, biases included, is non-trivial."""
+def make_torch_model(variant: str, seed: int = 0, **size_overrides) -> transformers.PreTrainedModel:
+    """Build a float32 random model whose every weight, biases included, is non-trivial.
+
+    `size_overrides` replace entries of the shared sizes, e.g. a tokenizer's `vocab_size`.
+    """
     config_class, kwargs = VARIANTS[variant]
-    config = config_class(**_SIZES, **kwargs)
+    config = config_class(**{**_SIZES, **size_overrides}, **kwargs)
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return randomize_weights(model)
+
+
+def randomize_weights(model: transformers.PreTrainedModel) -> transformers.PreTrainedModel:
+    """Draw every weight from N(0, 0.08), norms around 1, so no term is trivially zero."""
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             parameter.normal_(0.0, 0.08)

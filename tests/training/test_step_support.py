@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,9 @@ from mcd_jax.soft_prompt import text_prompt_token_ids
 from mcd_jax.training.data import BatchBuilder, HostCache, text_prompt_states
 from mcd_jax.training.job import ESTIMATION_ARTIFACT_FILES
 from mcd_jax.training.step import StepConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
+from tiny_models import randomize_weights  # noqa: E402
 
 TEXT_PROMPT = "You are a helpful, respectful and honest assistant."
 TINY_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny_test.cfg"
@@ -42,11 +46,7 @@ def build_tiny_model_folder(tokenizer, folder: Path, seed: int = 0) -> Path:
     )
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            parameter.normal_(0.0, 0.08)
-            if "norm" in name:
-                parameter.add_(1.0)
+    randomize_weights(model)
     model.eval().save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
