@@ -365,7 +365,7 @@ def _einsum(spec: str, a: jax.Array, b: jax.Array, dtype: Any) -> jax.Array:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _low_precision_einsum(spec: str, dtype: str, a: jax.Array, b: jax.Array) -> jax.Array:
-    """An einsum whose operands are cast to `dtype` in the forward and the backward pass.
+    """Contract two operands cast to `dtype`, in the forward and in the backward pass.
 
     Plain autodiff of a bfloat16 x bfloat16 -> float32 einsum gets a float32 cotangent, so
     XLA casts the bfloat16 weights to float32 for both backward products. Measured on the
