@@ -159,7 +159,8 @@ def _define_method_flags(fv: flags.FlagValues) -> None:
         "text_prompt",
         _METHOD.text_prompt,
         "Text safety prompt in the system slot for the text-prompt states: 'default' or "
-        "'short' for the built-in Llama-2 prompts, or the prompt text itself.",
+        "'short' for the built-in Llama-2 prompts, 'paraphrase' for a paraphrase of the "
+        "short one, or the prompt text itself.",
         flag_values=fv,
     )
     flags.DEFINE_string(
