@@ -52,6 +52,7 @@ FLAG_FIELDS: dict[str, tuple[str, str]] = {
     "revision": ("model", "revision"),
     "anchor_languages": ("data", "anchor_languages"),
     "dataset": ("data", "dataset"),
+    "anchors_per_label": ("data", "anchors_per_label"),
     **{
         name: ("method", name)
         for name in (
@@ -141,6 +142,14 @@ def _define_data_flags(fv: flags.FlagValues) -> None:
         "Training and anchor data: 'builtin' (the parallel set shipped with mcd-jax), a "
         "benchmark registry name, or a path to a dataset folder or file.",
         flag_values=fv,
+    )
+    flags.DEFINE_integer(
+        "anchors_per_label",
+        _DATA.anchors_per_label,
+        "Estimate from only the first N harmful and the first N harmless anchor queries, in "
+        "dataset order, to shorten estimation; unset uses them all.",
+        flag_values=fv,
+        **_bounds("anchors_per_label"),
     )
 
 

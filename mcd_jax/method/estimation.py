@@ -166,6 +166,7 @@ class EstimationSettings:
         return cls(
             dataset=config.data.dataset,
             languages=tuple(config.data.anchor_languages),
+            anchors_per_label=config.data.anchors_per_label,
             num_components=config.method.num_components,
             labels=dataclasses.replace(config.estimation, artifacts=None),
             sampling_seed=config.schedule.seed,

@@ -61,11 +61,14 @@ class DataConfig:
         train_languages: language codes of the training data, in schedule order.
         anchor_languages: language codes of the anchor set used for estimation.
         dataset: "builtin", a benchmark registry name, or a path to a dataset folder or file.
+        anchors_per_label: estimate from only the first this many harmful and the first this
+            many harmless anchor queries; None uses them all.
     """
 
     train_languages: tuple[str, ...] = MCD_LANGUAGES
     anchor_languages: tuple[str, ...] = ("en",)
     dataset: str = "builtin"
+    anchors_per_label: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,6 +238,7 @@ class LoggingConfig:
 # Inclusive lower bounds of numeric settings, by section and field. The flags use them as absl
 # bounds, and `TrainConfig` checks them for configs built in Python.
 LOWER_BOUNDS: dict[tuple[str, str], float] = {
+    ("data", "anchors_per_label"): 1,
     ("method", "num_components"): 1,
     ("method", "probe_folds"): 2,
     ("method", "weight_refusal"): 0,

@@ -218,3 +218,22 @@ def test_every_config_field_has_a_flag():
     for section, section_cls in config_lib._SECTION_TYPES.items():
         for field in section_cls.__dataclass_fields__:
             assert (section, field) in covered, f"{section}.{field}"
+
+
+def test_anchors_per_label_reaches_estimation(tmp_path):
+    from mcd_jax.method.estimation import EstimationSettings
+
+    config = mcd_flags.config_from_flags(
+        parse([f"--model={MODEL}", "--anchors_per_label=25", f"--workdir={tmp_path}"]),
+        check_workdir=False,
+    )
+    assert config.data.anchors_per_label == 25
+    assert EstimationSettings.from_train_config(config).anchors_per_label == 25
+    assert mcd_flags.config_from_flags(
+        parse([f"--model={MODEL}", f"--workdir={tmp_path}"]), check_workdir=False
+    ).data.anchors_per_label is None
+
+
+def test_anchors_per_label_zero_rejected():
+    with pytest.raises(flags.IllegalFlagValueError, match="0 is not a positive integer"):
+        parse(["--anchors_per_label=0"])
