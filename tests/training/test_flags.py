@@ -237,3 +237,16 @@ def test_anchors_per_label_reaches_estimation(tmp_path):
 def test_anchors_per_label_zero_rejected():
     with pytest.raises(flags.IllegalFlagValueError, match="0 is not a positive integer"):
         parse(["--anchors_per_label=0"])
+
+
+@pytest.mark.parametrize(
+    "flagfile", sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.cfg")), ids=str
+)
+def test_shipped_flagfiles_parse(flagfile, tmp_path):
+    extra = []
+    if flagfile.name == "tiny_test.cfg":  # it needs a model and a dataset from the caller
+        extra = [f"--model={MODEL}", "--dataset=builtin"]
+    config = mcd_flags.config_from_flags(
+        parse([f"--flagfile={flagfile}", *extra, f"--workdir={tmp_path}"]), check_workdir=False
+    )
+    assert config.model.ref
