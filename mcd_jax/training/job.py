@@ -279,6 +279,11 @@ def run_training_job(
         revision=config.model.revision,
     )
     logging.info("Stage end: model loaded in %.1f s", time.perf_counter() - started)
+    if jax.process_index() == 0:
+        # launch/export.py checks its target model against this record.
+        from mcd_jax.export import ModelDescription, write_model_record
+
+        write_model_record(workdir, ModelDescription.from_loaded(loaded))
 
     started = time.perf_counter()
     logging.info("Stage start: estimation")

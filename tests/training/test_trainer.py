@@ -233,6 +233,10 @@ def test_sigterm_then_resume_is_bitwise_identical(inputs, runs):
     assert losses(workdir) == runs["reference_losses"]
     summary = json.loads((workdir / FINAL_SUMMARY_FILE).read_text())
     assert summary["steps"] == TOTAL_STEPS
+    model_record = json.loads((workdir / "model.json").read_text())
+    assert model_record["model_type"] == "qwen2"
+    assert model_record["hidden_size"] == runs["reference_prompt"].shape[1]
+    assert model_record["chat_template_sha256"]
     assert summary["shape"] == list(runs["reference_prompt"].shape)
 
 
