@@ -32,3 +32,5 @@ fi
 
 "$PYTHON" launch/evaluate.py "${COMMON[@]}" --dataset=polyrefuse \
   --languages="$POLYREFUSE_LANGUAGES" --limit_per_language=10 --output_dir="$OUT/polyrefuse"
+
+"$PYTHON" scripts/compare_reports.py "$OUT/builtin/report.json" "$OUT/polyrefuse/report.json"

@@ -525,3 +525,30 @@ def test_launch_writes_report_and_keeps_other(tiny_model_dir, tmp_path):
     assert rerun.returncode != 0
     assert "contains a report of different settings" in rerun.stderr
     assert json.loads((output / "report.json").read_text()) == report
+
+
+def test_side_by_side_tables_match_report(sampled_report):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from compare_reports import comparison_tables
+
+    output, _ = sampled_report
+    report = json.loads((output / "report.json").read_text())
+    markdown = comparison_tables(report)
+    harmful, harmless = markdown.split("**False refusal %")
+    rows = {}
+    for line in harmful.splitlines():
+        if line.startswith("| ") and not line.startswith("| language"):
+            cells = [cell.strip() for cell in line.strip("|").split("|")]
+            rows[cells[0]] = cells[1:]
+
+    for index, system in enumerate(["none", "default", "MCD"]):
+        for language, row in report["metrics"][system]["languages"].items():
+            expected = _formatted(row["harmful_refusal_rate"]) + ("*" if row["trained"] else "")
+            assert rows[language][index] == expected
+        summary = report["metrics"][system]["summaries"]["all"]["harmful_refusal_rate"]
+        assert rows["**mean (all)**"][index] == _formatted(summary["mean"])
+    assert rows["**mean (trained)**"][:2] == ["", ""]
+
+    mcd_en = report["metrics"]["MCD"]["languages"]["en"]
+    harmless_en = next(line for line in harmless.splitlines() if line.startswith("| en |"))
+    assert harmless_en.strip("| ").split(" | ")[3] == _formatted(mcd_en["false_refusal_rate"]) + "*"
