@@ -7,9 +7,12 @@ Example, the CPU demo (see configs/demo_cpu.cfg):
 Every flag is defined in `mcd_jax/flags.py`; `--helpfull` lists them.
 """
 
-from absl import app
+import sys
+
+from absl import app, logging
 
 from mcd_jax import flags as mcd_flags
+from mcd_jax.method.estimation import DegenerateLabelsError
 from mcd_jax.training.job import JobConfigurationError, run_training_job
 
 
@@ -21,6 +24,10 @@ def main(argv: list[str]) -> None:
         run_training_job(config)
     except JobConfigurationError as err:
         raise app.UsageError(str(err)) from err
+    except DegenerateLabelsError as err:
+        # Not a usage error: the flags were valid, but the model's responses cannot label anchors.
+        logging.error("Estimation failed: %s", err)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

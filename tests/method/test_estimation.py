@@ -6,6 +6,7 @@ anchor order, so the expected labels are known whatever the random model writes.
 
 import dataclasses
 import json
+import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -311,3 +312,28 @@ def test_anchors_unknown_dataset_raises(tmp_path):
     missing = tmp_path / "missing.jsonl"
     with pytest.raises(FileNotFoundError, match="missing.jsonl"):
         load_anchors(EstimationSettings(dataset=str(missing)))
+
+
+@pytest.mark.slow
+def test_train_command_reports_degenerate_labels(tmp_path):
+    workdir = tmp_path / "run"
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve().parents[2] / "launch" / "train.py"),
+        "--model=packaged:smollm2-135m-instruct",
+        "--dtype=float32",
+        "--mode=dro",
+        "--anchors_per_label=2",
+        "--label_decoding=greedy",
+        "--label_samples=1",
+        "--label_keep_longest=1",
+        "--label_max_new_tokens=8",
+        f"--workdir={workdir}",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Estimation failed" in result.stderr
+    assert "refused none of the anchor queries" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert (workdir / "config.json").exists()
