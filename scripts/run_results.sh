@@ -19,6 +19,10 @@ COMMON=(--model="$MODEL" --soft_prompts=DRO="$OUT/dro",MCD="$DEMO/train" --max_n
 # PolyRefuse languages that the keyword judge covers (it has no Dutch, Polish or Yoruba phrases).
 POLYREFUSE_LANGUAGES="ar,de,en,es,fr,it,ja,ko,ru,th,zh"
 
+if [[ -z "${MCD_JAX_DATA_DIR:-}" || ! -d "${MCD_JAX_DATA_DIR}/polyrefuse" ]]; then
+  echo "Set MCD_JAX_DATA_DIR to a folder that contains polyrefuse/ (PolyRefuse's files)." >&2
+  exit 1
+fi
 if [[ ! -f "$DEMO/train/final_soft_prompt.npy" ]]; then
   echo "No MCD prompt in $DEMO/train: run 'bash launch/demo.sh $DEMO' first." >&2
   exit 1

@@ -271,7 +271,17 @@ def _markdown_rows(markdown, system):
 
 
 def _formatted(value):
-    return "n/a" if value is None else f"{value:.1f}"
+    return "n/a" if value is None else f"{round(value, 9):.1f}"
+
+
+def test_equal_variances_print_equal():
+    from mcd_jax.evaluation.report import _format_rate
+
+    rates = np.array([0.0, 100 / 12, 400 / 12, 100 / 12])
+    refusal_variance, asr_variance = float(np.var(rates)), float(np.var(100 - rates))
+
+    assert refusal_variance != asr_variance  # float noise around 156.25
+    assert _format_rate(refusal_variance) == _format_rate(asr_variance)
 
 
 def test_report_markdown_and_plot(sampled_report):

@@ -8,6 +8,7 @@ greedy tokens of our JAX model with the same soft prompt.
 import dataclasses
 import json
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -180,6 +181,8 @@ def test_export_files_and_sidecar(tiny, tiny_exports):
         "soft_prompt.npy",
         "soft_prompt.safetensors",
     ]
+    for path in result.files.values():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
     np.testing.assert_array_equal(np.load(result.files["soft_prompt.npy"]), soft_prompt)
     sidecar = json.loads(result.files["soft_prompt.json"].read_text())
     shape = [len(soft_prompt), 64]

@@ -11,7 +11,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from absl import logging
 
 from mcd_jax.evaluation.metrics import RATE_NAMES, RATE_TITLES
 from mcd_jax.evaluation.runner import EvaluationResult, SystemResult
+from mcd_jax.files import write_atomically
 
 REPORT_JSON = "report.json"
 REPORT_MARKDOWN = "report.md"
@@ -165,30 +165,25 @@ def write_report(payload: Mapping[str, Any], output_dir: str | os.PathLike) -> d
         "markdown": folder / REPORT_MARKDOWN,
         "plot": folder / REPORT_PLOT,
     }
-    _write_atomically(
+    write_atomically(
         paths["json"], (json.dumps(payload, indent=1, ensure_ascii=False) + "\n").encode()
     )
-    _write_atomically(paths["markdown"], markdown_report(payload).encode())
+    write_atomically(paths["markdown"], markdown_report(payload).encode())
 
     from mcd_jax.evaluation.plot import plot_report
 
-    _write_atomically(paths["plot"], plot_report(payload))
+    write_atomically(paths["plot"], plot_report(payload))
     logging.info("Wrote %s", ", ".join(os.fspath(path) for path in paths.values()))
     return paths
 
 
-def _write_atomically(path: Path, content: bytes) -> None:
-    with tempfile.NamedTemporaryFile(
-        "wb", dir=path.parent, prefix=f".{path.name}.", delete=False
-    ) as file:
-        file.write(content)
-    # NamedTemporaryFile creates the file readable by its owner only.
-    os.chmod(file.name, 0o644)
-    os.replace(file.name, path)
-
-
 def _format_rate(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.1f}"
+    """Format a rate or variance with one decimal, or n/a.
+
+    Rounding to 9 decimals first removes float noise, so that equal values such as the variance
+    of the refusal rate and of the ASR (100 minus it) print the same digit at a tie like 156.25.
+    """
+    return "n/a" if value is None else f"{round(value, 9):.1f}"
 
 
 def markdown_report(payload: Mapping[str, Any]) -> str:

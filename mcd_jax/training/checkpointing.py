@@ -34,7 +34,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -46,6 +45,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from orbax.checkpoint.checkpoint_managers import preservation_policy, save_decision_policy
 
+from mcd_jax.files import write_atomically
 from mcd_jax.method.schedule import SchedulePosition
 from mcd_jax.training.config import TrainConfig
 
@@ -198,12 +198,7 @@ def fingerprint_differences(stored: Mapping[str, Any], current: Mapping[str, Any
 
 
 def _write_json_atomically(path: Path, payload: Mapping[str, Any]) -> None:
-    with tempfile.NamedTemporaryFile(
-        "w", dir=path.parent, prefix=f".{path.name}.", delete=False
-    ) as f:
-        json.dump(payload, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(f.name, path)
+    write_atomically(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
 def check_fingerprint(

@@ -20,6 +20,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from mcd_jax.files import write_atomically
+
 RESOLVED_CONFIG_FILE = "config.json"
 
 DTYPES = ("bfloat16", "float32", "float16")
@@ -506,11 +508,7 @@ def write_resolved_config(config: TrainConfig, workdir: str | os.PathLike[str]) 
         The path of the written file.
     """
     path = Path(workdir) / RESOLVED_CONFIG_FILE
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=".config.", delete=False) as f:
-        json.dump(config.to_json(), f, indent=2)
-        f.write("\n")
-    os.replace(f.name, path)
-    return path
+    return write_atomically(path, json.dumps(config.to_json(), indent=2) + "\n")
 
 
 def read_resolved_config(workdir: str | os.PathLike[str]) -> TrainConfig:
