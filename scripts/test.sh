@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install mcd-jax into .venv and run the full test suite (about 7 minutes
+# Install mcd-jax into .venv and run the full test suite (about 8 minutes
 # on 2 CPU cores). Extra arguments go to pytest, e.g. `-k parity`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
