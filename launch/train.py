@@ -13,6 +13,7 @@ from absl import app, logging
 
 from mcd_jax import flags as mcd_flags
 from mcd_jax.method.estimation import DegenerateLabelsError
+from mcd_jax.training.checkpointing import FingerprintMismatchError
 from mcd_jax.training.job import JobConfigurationError, run_training_job
 
 
@@ -24,6 +25,9 @@ def main(argv: list[str]) -> None:
         run_training_job(config)
     except JobConfigurationError as err:
         raise app.UsageError(str(err)) from err
+    except FingerprintMismatchError as err:
+        logging.error("Training failed: %s", err)
+        sys.exit(1)
     except DegenerateLabelsError as err:
         # Not a usage error: the flags were valid, but the model's responses cannot label anchors.
         logging.error("Estimation failed: %s", err)

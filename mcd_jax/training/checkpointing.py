@@ -134,6 +134,9 @@ class RunFingerprint:
             "estimation": dataclasses.asdict(config.estimation),
             "anchor_languages": list(config.data.anchor_languages),
         }
+        if config.data.anchors_per_label is not None:
+            # Only when set, so that fingerprints written before the setting existed still match.
+            objective["anchors_per_label"] = config.data.anchors_per_label
         model = config.model.ref
         if config.model.revision:
             model = f"{model}@{config.model.revision}"

@@ -252,11 +252,14 @@ def run_training_job(
     Raises:
         JobConfigurationError: Before any model is loaded, if the mesh, batch, work directory,
             estimation artifacts or training data are invalid.
+        FingerprintMismatchError: Right after loading the model, if the work directory belongs
+            to a run with other settings (unless `force_resume`); nothing in it is changed.
     """
     from mcd_jax.models.loading import load_model
     from mcd_jax.sharding import make_mesh
+    from mcd_jax.training.checkpointing import check_fingerprint
     from mcd_jax.training.data import load_training_set
-    from mcd_jax.training.trainer import train
+    from mcd_jax.training.trainer import run_fingerprint, train
 
     initialize_distributed(config.distributed)
     config = _validate(config)
@@ -265,8 +268,6 @@ def run_training_job(
     except (ValueError, FileNotFoundError) as err:
         raise JobConfigurationError(f"invalid training data: {err}") from err
     workdir = Path(config.checkpoint.workdir)
-    if jax.process_index() == 0:
-        write_resolved_config(config, workdir)
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     logging.info("Mesh %s over %d devices", dict(mesh.shape), mesh.size)
 
@@ -279,10 +280,15 @@ def run_training_job(
         revision=config.model.revision,
     )
     logging.info("Stage end: model loaded in %.1f s", time.perf_counter() - started)
+
+    # A work directory of another run fails here, before anything in it is overwritten.
+    fingerprint = run_fingerprint(loaded, config, training_set, model_id(loaded.source))
+    check_fingerprint(workdir, fingerprint, force=config.checkpoint.force_resume)
     if jax.process_index() == 0:
-        # launch/export.py checks its target model against this record.
         from mcd_jax.export import ModelDescription, write_model_record
 
+        write_resolved_config(config, workdir)
+        # launch/export.py checks its target model against this record.
         write_model_record(workdir, ModelDescription.from_loaded(loaded))
 
     started = time.perf_counter()

@@ -130,6 +130,18 @@ def initial_soft_prompt(loaded: LoadedModel, config: TrainConfig) -> jax.Array:
     return init_soft_prompt(table, list(range(len(token_ids))))
 
 
+def run_fingerprint(
+    loaded: LoadedModel, config: TrainConfig, training_set: Any, model_id: str
+) -> RunFingerprint:
+    """Return the fingerprint that a work directory must match for this run to resume in it."""
+    return RunFingerprint.from_config(
+        config,
+        model_hash=model_id,
+        dataset=training_set.fingerprint(),
+        soft_prompt_shape=tuple(initial_soft_prompt(loaded, config).shape),
+    )
+
+
 def _replicate(tree: Any, mesh: Mesh | None) -> Any:
     if mesh is None:
         return tree
@@ -215,6 +227,7 @@ def train(
         dataset=training_set.fingerprint(),
         soft_prompt_shape=tuple(soft_prompt.shape),
     )
+    # run_training_job has checked this already; a direct call of train() has not.
     check_fingerprint(workdir, fingerprint, force=config.checkpoint.force_resume)
 
     cache = _prepare_method_targets(loaded, config, method, training_set, model_id, mesh)

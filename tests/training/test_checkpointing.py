@@ -417,3 +417,30 @@ def test_fingerprint_from_config_ignores_remat(tmp_path):
                 other_languages, model_hash="h", dataset="d", soft_prompt_shape=shape
             ),
         )
+
+
+def test_fingerprint_includes_anchors_per_label(tmp_path):
+    config = TrainConfig(
+        model=ModelSource(ref="m"),
+        data=DataConfig(),
+        method=MethodConfig(),
+        schedule=ScheduleConfig(),
+        estimation=EstimationConfig(),
+        mesh=MeshConfig(),
+        distributed=DistributedConfig(),
+        checkpoint=CheckpointConfig(workdir=str(tmp_path)),
+        logging=LoggingConfig(),
+    )
+    shape = (40, 576)
+    unset = RunFingerprint.from_config(config, model_hash="h", dataset="d", soft_prompt_shape=shape)
+    check_fingerprint(tmp_path, unset)
+
+    assert "anchors_per_label" not in unset.objective
+    limited = dataclasses.replace(config, data=DataConfig(anchors_per_label=25))
+    with pytest.raises(FingerprintMismatchError, match="anchors_per_label"):
+        check_fingerprint(
+            tmp_path,
+            RunFingerprint.from_config(
+                limited, model_hash="h", dataset="d", soft_prompt_shape=shape
+            ),
+        )

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,7 +26,7 @@ from mcd_jax import flags as mcd_flags
 from mcd_jax.models import load_model
 from mcd_jax.states import compute_states
 from mcd_jax.training import config as config_lib
-from mcd_jax.training.checkpointing import CHECKPOINT_SUBDIR
+from mcd_jax.training.checkpointing import CHECKPOINT_SUBDIR, FingerprintMismatchError
 from mcd_jax.training.job import (
     FINAL_SOFT_PROMPT_FILE,
     FINAL_SUMMARY_FILE,
@@ -361,3 +362,18 @@ def test_bad_command_lines_fail_before_loading(inputs, tmp_path):
         assert message in output, (name, output[-3000:])
         assert "Traceback" not in output, (name, output[-3000:])
         assert "Stage start: loading model" not in output, (name, output[-3000:])
+
+
+def test_other_runs_workdir_left_unchanged(inputs, runs, tmp_path):
+    workdir = tmp_path / "other_run"
+    shutil.copytree(inputs["root"] / "uninterrupted", workdir)
+    records = {name: (workdir / name).read_bytes() for name in ("config.json", "model.json")}
+    files = sorted(p.name for p in workdir.rglob("*"))
+    config = parse_config([*inputs["flags"], f"--workdir={workdir}", "--learning_rate=0.5"])
+
+    with pytest.raises(FingerprintMismatchError, match="schedule.learning_rate"):
+        run_training_job(config)
+
+    for name, content in records.items():
+        assert (workdir / name).read_bytes() == content, name
+    assert sorted(p.name for p in workdir.rglob("*")) == files
