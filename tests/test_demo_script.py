@@ -1,6 +1,6 @@
 """launch/demo.sh: shell syntax, and every flag it passes exists in the program it runs.
 
-The demo itself runs for about 20 minutes on the real model, so the suite does not run it; the
+The demo itself runs for about 16 minutes on the real model, so the suite does not run it. The
 README records a full run from a fresh clone.
 """
 

@@ -165,10 +165,8 @@ def write_report(payload: Mapping[str, Any], output_dir: str | os.PathLike) -> d
         "markdown": folder / REPORT_MARKDOWN,
         "plot": folder / REPORT_PLOT,
     }
-    write_atomically(
-        paths["json"], (json.dumps(payload, indent=1, ensure_ascii=False) + "\n").encode()
-    )
-    write_atomically(paths["markdown"], markdown_report(payload).encode())
+    write_atomically(paths["json"], json.dumps(payload, indent=1, ensure_ascii=False) + "\n")
+    write_atomically(paths["markdown"], markdown_report(payload))
 
     from mcd_jax.evaluation.plot import plot_report
 

@@ -227,11 +227,13 @@ def test_anchors_per_label_reaches_estimation(tmp_path):
         parse([f"--model={MODEL}", "--anchors_per_label=25", f"--workdir={tmp_path}"]),
         check_workdir=False,
     )
+    default = mcd_flags.config_from_flags(
+        parse([f"--model={MODEL}", f"--workdir={tmp_path}"]), check_workdir=False
+    )
+
     assert config.data.anchors_per_label == 25
     assert EstimationSettings.from_train_config(config).anchors_per_label == 25
-    assert mcd_flags.config_from_flags(
-        parse([f"--model={MODEL}", f"--workdir={tmp_path}"]), check_workdir=False
-    ).data.anchors_per_label is None
+    assert default.data.anchors_per_label is None
 
 
 def test_anchors_per_label_zero_rejected():
